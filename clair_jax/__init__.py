@@ -1,5 +1,21 @@
 """clair_jax: robust federated low-rank update aggregation (CLAIR) in JAX."""
 
+from clair_jax._src.estimator import ClairOptions
+from clair_jax._src.estimator import ClairResult
+from clair_jax._src.estimator import clair
+from clair_jax._src.estimator import estimate_rank
+from clair_jax._src.prox import prox_group_lasso
+from clair_jax._src.prox import prox_group_lasso_blocks
+from clair_jax._src.prox import prox_nuclear
+from clair_jax._src.prox import prox_nuclear_gram
+from clair_jax._src.prox import safe_norm
+from clair_jax._src.solver import DecompositionSolution
+from clair_jax._src.solver import DecompositionState
+from clair_jax._src.solver import STATUS_NAMES
+from clair_jax._src.solver import decomposition_step
+from clair_jax._src.solver import init_decomposition
+from clair_jax._src.solver import solve_decomposition
+from clair_jax._src.solver import svt_blocks
 from clair_jax._src.subspace import fit_subspace
 from clair_jax._src.subspace import project_onto_subspace
 from clair_jax._src.subspace import stack_clients
@@ -8,6 +24,22 @@ from clair_jax._src.subspace import unstack_clients
 __version__ = "0.1.0"
 
 __all__ = (
+    "ClairOptions",
+    "ClairResult",
+    "DecompositionSolution",
+    "DecompositionState",
+    "STATUS_NAMES",
+    "clair",
+    "decomposition_step",
+    "estimate_rank",
+    "init_decomposition",
+    "prox_group_lasso",
+    "prox_group_lasso_blocks",
+    "prox_nuclear",
+    "prox_nuclear_gram",
+    "safe_norm",
+    "solve_decomposition",
+    "svt_blocks",
     "fit_subspace",
     "project_onto_subspace",
     "stack_clients",

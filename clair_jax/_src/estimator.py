@@ -1,0 +1,371 @@
+"""The CLAIR estimator: validate -> decompose -> detect -> subspace -> refine -> result."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clair_jax._src import detect
+from clair_jax._src import solver
+from clair_jax._src import validate
+from clair_jax._src.prox import safe_norm
+from clair_jax._src.subspace import project_onto_subspace
+from clair_jax._src.subspace import stack_clients
+
+# Where the benign set came from (see ClairResult.start).
+START_CONVEX = 0
+START_CONSENSUS = 1
+
+
+class ClairOptions(NamedTuple):
+  """Every knob of :func:`clair`; each default is derived from the data.
+
+  Attributes:
+    lam_low_rank: nuclear weight ``lambda_L`` (input units). Default
+      ``sigma_hat * (sqrt(m) + sqrt(K n))``, the spectral norm of ``m x K n`` noise.
+    lam_sparse: group weight ``lambda_S`` (input units). Default ``threshold_ratio`` times
+      the median benign off-subspace residual, i.e. just above a benign block's noise norm.
+    noise_level: noise std ``sigma`` per entry (input units). Default: estimated, as
+      ``median_benign ||(I - U U^T) D_k||_F / sqrt((m - r) n)``.
+    threshold_ratio: a client is flagged when its residual exceeds this multiple of the
+      benign median residual (default 1.5) ...
+    mad_multiplier: ... or ``1 + mad_multiplier * 1.4826 * MAD`` of the benign scores,
+      whichever is larger, so heteroscedastic benign clients are not flagged (default 3).
+    scale_floor: floor on the benign median residual, relative to the median client norm
+      (default 1e-4); keeps scores meaningful for noiseless data.
+    convex_floor: floor on that residual when it sets the convex weights (default 1e-2):
+      with (near) noiseless data the convex program is degenerate (any split of ``M`` into
+      ``L + S`` costs ~0) and converges slowly; the trimming loop decides there anyway.
+    consensus: also start the trimming loop from the client-count consensus (default on;
+      needed against coherent groups with larger norms).
+    num_candidates: clients proposing a subspace in the consensus search (default
+      ``min(K, 64)``, evenly spaced).
+    max_trim_steps: cap on trimming (C-step) iterations.
+    tol, max_steps, continuation_factor, svt_method: convex solver settings, see
+      :func:`clair_jax.solve_decomposition`.
+    side: ``"left"`` shares the column space (``m`` side, ``U`` is ``m x r``); ``"right"``
+      shares the row space (each update is transposed, ``U`` is ``n x r``).
+    contaminated_output: ``"keep"`` returns flagged clients as sent; ``"project"`` projects
+      the finite ones onto the subspace too (non-finite ones are still returned as sent).
+  """
+
+  lam_low_rank: float | None = None
+  lam_sparse: float | None = None
+  noise_level: float | None = None
+  threshold_ratio: float = 1.5
+  mad_multiplier: float = 3.0
+  scale_floor: float = 1e-4
+  convex_floor: float = 1e-2
+  consensus: bool = True
+  num_candidates: int | None = None
+  max_trim_steps: int = 30
+  tol: float = 1e-4
+  max_steps: int = 500
+  continuation_factor: float = 0.7
+  svt_method: str = "auto"
+  side: str = "left"
+  contaminated_output: str = "keep"
+
+
+class ClairResult(NamedTuple):
+  """What :func:`clair` found. Arrays; ``K`` clients, ``m x n`` updates, rank ``r``.
+
+  Attributes:
+    contaminated: ``(K,)`` bool, flagged clients (non-finite clients always flagged).
+    scores: ``(K,)`` off-subspace residual over the benign median residual; larger is more
+      suspicious; ``+inf`` for non-finite clients.
+    threshold: scalar; ``contaminated == scores > threshold``.
+    subspace: ``(m, r)`` orthonormal, top-``r`` left singular vectors of the benign clients'
+      updates (``(n, r)`` with ``side="right"``).
+    refined: ``(K, m, n)`` benign ``U U^T D_k``; contaminated as sent (see options).
+    low_rank, sparse: ``(K, m, n)`` blocks of the convex decomposition ``M = L + S + E``.
+    convex_contaminated: ``(K,)`` bool, clients whose convex ``S_k`` is nonzero.
+    noise_level: estimated noise std per entry (input units).
+    lam_low_rank, lam_sparse: weights the convex program used (input units).
+    status: int32, ``solver.STATUS_NAMES`` (0 successful).
+    solver_steps, solver_residual: convex solver statistics; ``max_steps`` is its cap.
+    trim_steps: trimming iterations of the winning start.
+    start: 0 if the benign set grew from the convex solution, 1 from the consensus search.
+  """
+
+  contaminated: jax.Array
+  scores: jax.Array
+  threshold: jax.Array
+  subspace: jax.Array
+  refined: jax.Array
+  low_rank: jax.Array
+  sparse: jax.Array
+  convex_contaminated: jax.Array
+  noise_level: jax.Array
+  lam_low_rank: jax.Array
+  lam_sparse: jax.Array
+  status: jax.Array
+  solver_steps: jax.Array
+  solver_residual: jax.Array
+  max_steps: jax.Array
+  trim_steps: jax.Array
+  start: jax.Array
+
+  @property
+  def benign(self) -> jax.Array:
+    return ~self.contaminated
+
+  @property
+  def status_name(self) -> str:
+    return solver.STATUS_NAMES[int(self.status)]
+
+  def summary(self) -> str:
+    """A few human-readable lines (call on concrete results, not inside jit)."""
+    flagged = np.flatnonzero(np.asarray(self.contaminated))
+    return "\n".join([
+        f"CLAIR: {len(flagged)} of {self.contaminated.shape[0]} clients flagged: "
+        f"{flagged.tolist()}",
+        f"  rank {self.subspace.shape[1]}, noise level {float(self.noise_level):.3g}, "
+        f"threshold {float(self.threshold):.3g} (score units)",
+        f"  convex solver: {self.status_name} after {int(self.solver_steps)} steps "
+        f"(residual {float(self.solver_residual):.2e}); trimming steps {int(self.trim_steps)}, "
+        f"start {'consensus' if int(self.start) == START_CONSENSUS else 'convex'}",
+    ])
+
+
+def _options(options: dict) -> ClairOptions:
+  unknown = set(options) - set(ClairOptions._fields)
+  if unknown:
+    raise TypeError(
+        f"unknown option(s) {sorted(unknown)}; valid options: {list(ClairOptions._fields)}")
+  opts = ClairOptions(**options)
+  if opts.side not in ("left", "right"):
+    raise ValueError(f"side must be 'left' or 'right'; got {opts.side!r}")
+  if opts.contaminated_output not in ("keep", "project"):
+    raise ValueError(
+        f"contaminated_output must be 'keep' or 'project'; got {opts.contaminated_output!r}")
+  if opts.svt_method not in solver.SVT_METHODS:
+    raise ValueError(f"svt_method must be one of {solver.SVT_METHODS}; got {opts.svt_method!r}")
+  if opts.threshold_ratio <= 1.0:
+    raise ValueError(f"threshold_ratio must be > 1; got {opts.threshold_ratio}")
+  for name in ("lam_low_rank", "lam_sparse", "noise_level"):
+    value = getattr(opts, name)
+    if value is not None and not float(value) > 0:
+      raise ValueError(f"{name} must be positive or None; got {value}")
+  return opts
+
+
+def clair(updates, rank: int | None = None, *, client_weights=None, **options) -> ClairResult:
+  """Detects contaminated clients, recovers the shared subspace and refines benign updates.
+
+  Stacking the client updates ``M = [D_1, ..., D_K]`` (``m x K n``), CLAIR solves
+
+  .. math::
+    \\min_{L,S}\\ \\tfrac12\\|M - L - S\\|_F^2 + \\lambda_L\\|L\\|_*
+      + \\lambda_S \\sum_k w_k \\|S_k\\|_F
+
+  with noise-calibrated weights, then runs a rank-aware trimming loop from the convex
+  solution and from a client-count consensus start (which defeats coherent groups, also
+  ones with larger norms), keeps the split that explains a majority of clients best, fits
+  ``U`` (top-``r`` left singular vectors of the benign updates) and refines each benign
+  client as ``U U^T D_k``.
+
+  Jittable (``rank`` and options static) and vmappable over a leading problem axis.
+  ``rank=None`` picks the rank from data (:func:`estimate_rank`) and needs concrete input.
+
+  Args:
+    updates: ``(K, m, n)`` float array (bf16/f16 are computed in f32), ``K >= 3``.
+      A client with any NaN/Inf is flagged and excluded from every fit and statistic.
+    rank: shared-subspace dimension ``1 <= r <= min(m, K n)``, or ``None``.
+    client_weights: optional ``(K,)`` nonnegative ``w_k`` in the group penalty.
+    **options: any field of :class:`ClairOptions`.
+
+  Returns:
+    :class:`ClairResult`.
+
+  Raises:
+    ValueError: bad shapes, dtype, rank or options; or (for concrete input) no finite client.
+
+  Example:
+    >>> import jax, clair_jax
+    >>> key = jax.random.PRNGKey(0)
+    >>> basis = jnp.linalg.qr(jax.random.normal(key, (32, 2)))[0]
+    >>> coef = jax.random.normal(jax.random.PRNGKey(1), (10, 2, 8))
+    >>> updates = jnp.einsum("mr,krn->kmn", basis, coef)
+    >>> updates = updates.at[:3].set(jax.random.normal(key, (3, 32, 8)))
+    >>> clair_jax.clair(updates, rank=2).contaminated.tolist()  # doctest: +ELLIPSIS
+    [True, True, True, False, ...]
+  """
+  updates = validate.check_updates(updates)
+  opts = _options(options)
+  if opts.side == "right":
+    updates = jnp.swapaxes(updates, 1, 2)
+  traced = validate.is_traced(updates)
+  if not traced:
+    finite = np.asarray(jnp.all(jnp.isfinite(updates), axis=(1, 2)))
+    if not finite.any():
+      raise ValueError(
+          f"all {updates.shape[0]} client updates contain NaN or Inf (updates.shape="
+          f"{tuple(updates.shape)}); there is nothing to aggregate.")
+  if rank is None:
+    if traced:
+      raise ValueError("rank=None chooses the rank from data and needs concrete updates; "
+                       "pass an int rank inside jit/vmap.")
+    rank = estimate_rank(updates)
+  rank = validate.check_rank(rank, updates.shape)
+  num_clients = updates.shape[0]
+  if client_weights is None:
+    client_weights = jnp.ones((num_clients,), validate.compute_dtype(updates.dtype))
+  client_weights = jnp.asarray(client_weights)
+  if client_weights.shape != (num_clients,):
+    raise ValueError(f"client_weights must have shape (K,) = ({num_clients},); "
+                     f"got {client_weights.shape}.")
+  result = _clair_jit(updates, client_weights, rank, opts)
+  if opts.side == "right":
+    swap = lambda x: jnp.swapaxes(x, 1, 2)
+    result = result._replace(refined=swap(result.refined), low_rank=swap(result.low_rank),
+                             sparse=swap(result.sparse))
+  return result
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "opts"))
+def _clair_jit(updates, client_weights, rank: int, opts: ClairOptions) -> ClairResult:
+  return clair_core(updates, client_weights, rank, opts)
+
+
+def _normalise(updates: jax.Array):
+  """Zeroes non-finite clients and scales by the median finite client norm."""
+  dtype = validate.compute_dtype(updates.dtype)
+  x = updates.astype(dtype)
+  active = jnp.all(jnp.isfinite(x), axis=(1, 2))
+  x = jnp.where(active[:, None, None], x, 0.0)
+  norms = safe_norm(x, axis=(1, 2))
+  data_scale = detect.masked_median(norms, active)
+  data_scale = jnp.where(data_scale > 0, data_scale, jnp.max(norms))
+  data_scale = jnp.where(data_scale > 0, data_scale, 1.0)
+  return x, x / data_scale, active, data_scale
+
+
+def _robust_split(x_n, active, rank, opts: ClairOptions, fixed_scale=None):
+  trim = functools.partial(
+      detect.concentrate, x_n, active, rank=rank, max_steps=opts.max_trim_steps,
+      threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,
+      scale_floor=opts.scale_floor, fixed_scale=fixed_scale)
+  num_clients = x_n.shape[0]
+  num_candidates = opts.num_candidates or min(num_clients, 64)
+  num_candidates = max(1, min(num_candidates, num_clients))
+  return trim(detect.consensus_start(x_n, active, rank, num_candidates))
+
+
+def clair_core(updates, client_weights, rank: int, opts: ClairOptions) -> ClairResult:
+  """The traced body of :func:`clair` (no validation; ``rank`` and ``opts`` static)."""
+  num_clients, m, n = updates.shape
+  x, x_n, active, data_scale = _normalise(updates)
+  dtype = x.dtype
+  dof = jnp.asarray(max(m - rank, 1) * n, dtype)
+  fixed_scale = None
+  if opts.noise_level is not None:
+    fixed_scale = opts.noise_level * jnp.sqrt(dof) / data_scale
+
+  # Robust start: its benign median residual calibrates the convex program's weights.
+  consensus_split = _robust_split(x_n, active, rank, opts, fixed_scale)
+  scale = jnp.maximum(consensus_split.scale, opts.convex_floor)
+  sigma = scale / jnp.sqrt(dof)
+  num_active = jnp.sum(active).astype(dtype)
+  lam_low_rank = (sigma * (jnp.sqrt(m * 1.0) + jnp.sqrt(num_active * n))
+                  if opts.lam_low_rank is None else opts.lam_low_rank / data_scale)
+  lam_sparse = (opts.threshold_ratio * scale
+                if opts.lam_sparse is None else opts.lam_sparse / data_scale)
+  weights = jnp.where(active, client_weights.astype(dtype), 0.0)
+  decomposition = solver.solve_decomposition(
+      x_n, lam_low_rank, lam_sparse * weights, tol=opts.tol, max_steps=opts.max_steps,
+      continuation_factor=opts.continuation_factor, svt_method=opts.svt_method)
+
+  # Convex verdict, then trimming from it; keep the start that explains a majority best.
+  sparse_norms = safe_norm(decomposition.sparse, axis=(1, 2))
+  convex_benign = active & (sparse_norms == 0)
+  h = detect.majority_size(active)
+  convex_start = jnp.where(jnp.sum(convex_benign) >= h, convex_benign,
+                           detect.smallest_mask(sparse_norms, active, h))
+  convex_split = detect.concentrate(
+      x_n, active, convex_start, rank, max_steps=opts.max_trim_steps,
+      threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,
+      scale_floor=opts.scale_floor, fixed_scale=fixed_scale)
+  use_consensus = opts.consensus & (consensus_split.objective < convex_split.objective)
+  split = jax.tree.map(lambda a, b: jnp.where(use_consensus, a, b), consensus_split,
+                       convex_split)
+
+  benign = split.benign & active
+  contaminated = ~benign
+  projected = project_onto_subspace(x, split.subspace)
+  if opts.contaminated_output == "project":
+    keep_as_sent = ~active
+  else:
+    keep_as_sent = contaminated
+  refined = jnp.where(keep_as_sent[:, None, None], updates, projected.astype(updates.dtype))
+  status = jnp.where(jnp.any(active), decomposition.status, solver.NO_FINITE_CLIENTS)
+  return ClairResult(
+      contaminated=contaminated,
+      scores=split.scores,
+      threshold=split.threshold,
+      subspace=split.subspace,
+      refined=refined,
+      low_rank=(decomposition.low_rank * data_scale).astype(updates.dtype),
+      sparse=(decomposition.sparse * data_scale).astype(updates.dtype),
+      convex_contaminated=active & ~convex_benign,
+      noise_level=split.scale * data_scale / jnp.sqrt(dof),
+      lam_low_rank=lam_low_rank * data_scale,
+      lam_sparse=lam_sparse * data_scale,
+      status=status.astype(jnp.int32),
+      solver_steps=decomposition.num_steps,
+      solver_residual=decomposition.residual,
+      max_steps=jnp.asarray(opts.max_steps, jnp.int32),
+      trim_steps=split.num_steps,
+      start=jnp.where(use_consensus, START_CONSENSUS, START_CONVEX).astype(jnp.int32),
+  )
+
+
+def _eigengap_rank(singular_values: np.ndarray, max_rank: int) -> int:
+  """``argmax_{1 <= i <= max_rank} s_i / s_{i+1}`` (``s_{i+1}`` floored at ``eps * s_1``)."""
+  s = np.asarray(singular_values, np.float64)
+  if s.size < 2 or s[0] <= 0:
+    return 1
+  max_rank = max(1, min(max_rank, s.size - 1))
+  floor = np.finfo(np.float32).eps * s[0]
+  ratios = s[:max_rank] / np.maximum(s[1:max_rank + 1], floor)
+  return int(np.argmax(ratios)) + 1
+
+
+def estimate_rank(updates, max_rank: int | None = None) -> int:
+  """Chooses the shared rank from data by the eigen-gap, robustly to contamination.
+
+  1. Each finite client proposes the eigen-gap rank of its own block; ``r_0`` is the
+     median proposal (a majority of clients is benign).
+  2. The consensus/trimming benign set for ``r_0`` is found, and the rank is the
+     eigen-gap of the benign clients' *stacked* spectrum (clients may individually use
+     only part of the shared subspace).
+
+  Args:
+    updates: ``(K, m, n)`` concrete array.
+    max_rank: largest rank considered (default ``min(m, K n) // 2``, at least 1).
+
+  Returns:
+    ``int`` rank.
+  """
+  updates = validate.check_updates(updates)
+  if validate.is_traced(updates):
+    raise ValueError("estimate_rank needs concrete updates (it runs eagerly).")
+  num_clients, m, n = updates.shape
+  x, x_n, active, _ = _normalise(updates)
+  if max_rank is None:
+    max_rank = max(1, min(m, num_clients * n) // 2)
+  own_spectra = np.asarray(jnp.linalg.svd(x_n, compute_uv=False))[np.asarray(active)]
+  proposals = [_eigengap_rank(s, min(max_rank, min(m, n) - 1)) for s in own_spectra]
+  first_rank = int(np.median(proposals)) if proposals else 1
+  first_rank = validate.check_rank(max(1, first_rank), updates.shape)
+  split = _robust_split_jit(x_n, active, first_rank, ClairOptions())
+  benign = np.asarray(split.benign)
+  stacked = stack_clients(jnp.asarray(np.asarray(x_n)[benign]))
+  return _eigengap_rank(np.asarray(jnp.linalg.svd(stacked, compute_uv=False)), max_rank)
+
+
+_robust_split_jit = jax.jit(_robust_split, static_argnames=("rank", "opts"))
