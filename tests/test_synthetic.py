@@ -1,0 +1,105 @@
+"""Synthetic problems: the truth they claim is the truth they contain."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clair_jax import synthetic
+
+SIZES = dict(num_clients=20, m=24, n=4, rank=3)
+
+
+def _off_subspace(x, u):
+  x = np.nan_to_num(np.asarray(x, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+  u = np.asarray(u, np.float64)
+  return np.linalg.norm(x - np.einsum("mr,pr,kpn->kmn", u, u, x), axis=(1, 2))
+
+
+@pytest.mark.parametrize("attack", synthetic.ATTACKS)
+def test_problem_structure(attack):
+  p = synthetic.make_problem(jax.random.key(1), fraction=0.3, attack=attack, noise=0.05, **SIZES)
+  u, truth, x = np.asarray(p.subspace), np.asarray(p.truth), np.asarray(p.updates)
+  c = np.asarray(p.contaminated)
+  assert x.shape == truth.shape == (20, 24, 4) and u.shape == (24, 3) and c.shape == (20,)
+  assert c.sum() == 6
+  np.testing.assert_allclose(u.T @ u, np.eye(3), atol=1e-5)
+  assert _off_subspace(truth, u).max() < 1e-3 * np.linalg.norm(truth)  # Delta_k = U W_k
+  benign_err = np.linalg.norm(x[~c] - truth[~c], axis=(1, 2))
+  np.testing.assert_allclose(benign_err.mean(), 0.05 * np.sqrt(24 * 4), rtol=0.25)
+  finite = np.isfinite(x).all(axis=(1, 2))
+  assert finite[~c].all()
+  assert finite[c].all() == (attack != "nonfinite")
+  off = _off_subspace(x, u)
+  if attack == "sign_flip":  # stays in the subspace and flips the sign
+    assert off[c].max() < 2 * off[~c].max()
+    assert (np.einsum("kmn,kmn->k", x[c], truth[c]) < 0).all()
+  elif attack in ("random", "coherent", "boosted", "sparse"):
+    assert off[c].min() > 3 * off[~c].max()
+  if attack == "boosted":
+    assert np.linalg.norm(x[c], axis=(1, 2)).mean() > 3 * np.linalg.norm(x[~c], axis=(1, 2)).mean()
+  if attack == "nonfinite":
+    assert np.isnan(x[c]).any() and np.isinf(x[c]).any()
+
+
+def test_deterministic_in_key_and_contaminated_set_is_random():
+  a = synthetic.make_problem(jax.random.key(3), **SIZES)
+  b = synthetic.make_problem(jax.random.key(3), **SIZES)
+  c = synthetic.make_problem(jax.random.key(4), **SIZES)
+  np.testing.assert_array_equal(np.asarray(a.updates), np.asarray(b.updates))
+  assert not np.array_equal(np.asarray(a.updates), np.asarray(c.updates))
+  masks = [np.asarray(synthetic.make_problem(jax.random.key(s), **SIZES).contaminated) for s in range(4)]
+  assert any(not m[:4].all() for m in masks)  # not always the first clients
+
+
+def test_overlap_separation_controls_principal_angles():
+  u = synthetic.random_orthonormal(jax.random.key(0), 20, 3)
+  for s in (0.0, 0.4, 1.0):
+    v = np.asarray(synthetic.subspace_at_angle(jax.random.key(1), u, s))
+    np.testing.assert_allclose(v.T @ v, np.eye(3), atol=1e-5)
+    cos = np.linalg.svd(np.asarray(u).T @ v, compute_uv=False)
+    np.testing.assert_allclose(cos, np.sqrt(1 - s**2), atol=1e-4)
+
+
+def test_heterogeneity_zero_gives_identical_benign_truth():
+  p = synthetic.make_problem(jax.random.key(2), heterogeneity=0.0, **SIZES)
+  t = np.asarray(p.truth)
+  np.testing.assert_allclose(t, np.broadcast_to(t[:1], t.shape), atol=1e-5)
+
+
+def test_regression_ols_recovers_benign_coefficients():
+  p = synthetic.make_regression_problem(
+      jax.random.key(0), num_clients=12, m=10, n=3, rank=2, num_samples=400, noise=0.1,
+      fraction=0.25, attack="coherent",
+  )
+  x, y = np.asarray(p.features, np.float64), np.asarray(p.targets, np.float64)
+  c = np.asarray(p.contaminated)
+  ref = np.stack([np.linalg.lstsq(x[k], y[k], rcond=None)[0] for k in range(12)])
+  np.testing.assert_allclose(np.asarray(p.updates), ref, rtol=1e-3, atol=1e-3)
+  err = np.linalg.norm(ref - np.asarray(p.truth), axis=(1, 2))
+  assert err[~c].max() < 0.1 and err[c].min() > 1.0
+
+
+def test_regression_ridge_and_nonfinite():
+  p = synthetic.make_regression_problem(
+      jax.random.key(1), num_clients=8, m=10, n=3, rank=2, num_samples=6, ridge=0.5,
+      fraction=0.5, attack="nonfinite",
+  )
+  x, y = np.asarray(p.features, np.float64), np.asarray(p.targets, np.float64)
+  c = np.asarray(p.contaminated)
+  k = int(np.flatnonzero(~c)[0])
+  ref = np.linalg.solve(x[k].T @ x[k] + 0.5 * np.eye(10), x[k].T @ y[k])
+  np.testing.assert_allclose(np.asarray(p.updates[k]), ref, rtol=1e-3, atol=1e-3)
+  finite = np.isfinite(np.asarray(p.updates)).all(axis=(1, 2))
+  np.testing.assert_array_equal(finite, ~c)
+
+
+def test_bad_options_raise():
+  with pytest.raises(ValueError, match="unknown attack"):
+    synthetic.make_problem(jax.random.key(0), attack="nope")
+  with pytest.raises(ValueError, match="rank"):
+    synthetic.make_problem(jax.random.key(0), m=6, rank=4)
+  with pytest.raises(ValueError, match="num_samples"):
+    synthetic.make_regression_problem(jax.random.key(0), m=10, num_samples=5)
+  with pytest.raises(ValueError, match=r"\(K, N, m\)"):
+    synthetic.least_squares_estimates(jnp.ones((2, 5, 3)), jnp.ones((2, 4, 1)))
