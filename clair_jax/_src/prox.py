@@ -76,7 +76,7 @@ def prox_group_lasso_blocks(blocks: jax.Array, thresholds: jax.Array | float) ->
 def _svt_from_svd(x: jax.Array, threshold: jax.Array):
   left, singular_values, right_t = jnp.linalg.svd(x, full_matrices=False)
   shrunk = jnp.maximum(singular_values - threshold, 0.0)
-  return (left * shrunk) @ right_t, (left, singular_values, right_t, shrunk)
+  return (left * shrunk[None, :]) @ right_t, (left, singular_values, right_t, shrunk)
 
 
 @jax.custom_jvp
@@ -128,9 +128,9 @@ def _prox_nuclear_jvp(primals, tangents):
   core = left @ (sym_coef * sym + skew_coef * skew) @ right_t
   left_perp = dx @ right - left @ a                # (I - U U^T) dX V
   right_perp = left.T @ dx - a @ right_t           # U^T dX (I - V V^T)
-  d_out = core + (left_perp * ratio) @ right_t + left @ (ratio[:, None] * right_perp)
+  d_out = core + (left_perp * ratio[None, :]) @ right_t + left @ (ratio[:, None] * right_perp)
   if dthreshold is not None and not isinstance(dthreshold, jax.custom_derivatives.SymbolicZero):
-    d_out = d_out - (left * active) @ right_t * jnp.asarray(dthreshold, x.dtype)
+    d_out = d_out - (left * active[None, :]) @ right_t * jnp.asarray(dthreshold, x.dtype)
   return out, d_out
 
 
@@ -163,7 +163,7 @@ def _apply_gram_svt(x: jax.Array, gram: jax.Array, threshold: jax.Array) -> jax.
   singular_values = jnp.sqrt(jnp.maximum(eigenvalues, 0.0))
   keep = singular_values > threshold
   factor = jnp.where(keep, 1.0 - threshold / jnp.where(keep, singular_values, 1.0), 0.0)
-  return (vectors * factor) @ (vectors.T @ x)
+  return (vectors * factor[None, :]) @ (vectors.T @ x)
 
 
 def gram_is_accurate(singular_values_max: jax.Array, threshold: jax.Array, dtype) -> jax.Array:

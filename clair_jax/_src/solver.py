@@ -95,7 +95,7 @@ def svt_blocks(blocks: jax.Array, threshold: jax.Array, method: str = "auto") ->
   factor = jnp.where(keep, 1.0 - threshold / jnp.where(keep, singular_values, 1.0), 0.0)
 
   def by_gram(blocks):
-    projector = (vectors * factor) @ vectors.T
+    projector = (vectors * factor[None, :]) @ vectors.T
     return jnp.einsum("mp,kpn->kmn", projector, blocks)
 
   if method == "gram":

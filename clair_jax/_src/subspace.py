@@ -21,7 +21,7 @@ def unstack_clients(stacked: jax.Array, num_clients: int) -> jax.Array:
 def fit_subspace(
     updates: jax.Array, mask: jax.Array | None, rank: int, method: str = "gram"
 ) -> jax.Array:
-  """Top-``rank`` left singular vectors of the stacked updates of the clients in ``mask``.
+  r"""Top-``rank`` left singular vectors of the stacked updates of the clients in ``mask``.
 
   .. math::
     \hat U = \operatorname{top}_r \operatorname{eigvec}\Big(\sum_{k \in \text{mask}}

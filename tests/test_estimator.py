@@ -1,0 +1,154 @@
+"""The CLAIR estimator on problems with known truth (issue 2's "Done when")."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clair_jax
+from problems import benign_error, make_problem, sin_theta
+
+RANK = 3
+
+
+@pytest.mark.parametrize("attack", ["random", "coherent"])
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.4])
+def test_noiseless_exact_detection_and_subspace(attack, fraction):
+  problem = make_problem(fraction=fraction, attack=attack, rank=RANK, seed=11)
+  with jax.numpy_rank_promotion("raise"):
+    result = clair_jax.clair(problem.updates, RANK)
+  np.testing.assert_array_equal(result.contaminated, problem.contaminated)
+  assert sin_theta(result.subspace, problem.basis) < 1e-4
+  assert result.subspace.dtype == jnp.float32
+  np.testing.assert_allclose(result.subspace.T @ result.subspace, np.eye(RANK), atol=1e-5)
+  np.testing.assert_array_equal(result.contaminated, result.scores > result.threshold)
+
+
+def offsubspace_attack(problem, noise, ratio, attack, seed):
+  """Contaminated blocks whose off-subspace norm is exactly ``ratio`` x the noise norm."""
+  rng = np.random.default_rng(seed)
+  num_clients, m, n = problem.updates.shape
+  noise_norm = noise * np.sqrt(m * n)
+  projector = np.eye(m) - problem.basis @ problem.basis.T
+  updates = np.array(problem.updates, np.float64)
+  if attack == "coherent":
+    other = np.linalg.qr(rng.normal(size=(m, RANK)))[0]
+  for k in np.flatnonzero(problem.contaminated):
+    raw = (rng.normal(size=(m, n)) if attack == "random"
+           else other @ rng.normal(size=(RANK, n)))
+    off = projector @ raw
+    updates[k] = ratio * noise_norm * off / np.linalg.norm(off) + problem.basis @ (
+        problem.basis.T @ raw)
+  return problem._replace(updates=updates.astype(np.float32))
+
+
+@pytest.mark.parametrize("attack", ["random", "coherent"])
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.4])
+def test_noisy_detection_and_oracle_ratio(attack, fraction):
+  noise = 0.05
+  problem = make_problem(fraction=fraction, noise=noise, rank=RANK, seed=21)
+  problem = offsubspace_attack(problem, noise, ratio=2.0, attack=attack, seed=22)
+  result = clair_jax.clair(problem.updates, RANK)
+  np.testing.assert_array_equal(result.contaminated, problem.contaminated)
+  oracle_basis = clair_jax.fit_subspace(problem.updates, ~problem.contaminated, RANK, "svd")
+  oracle = clair_jax.project_onto_subspace(problem.updates, oracle_basis)
+  clair_error, oracle_error = benign_error(result.refined, problem), benign_error(oracle, problem)
+  local_error = benign_error(problem.updates, problem)
+  assert clair_error <= 1.1 * oracle_error
+  assert clair_error < 0.25 * local_error
+  # The noise level is estimated from data (within 10%).
+  assert abs(float(result.noise_level) / noise - 1) < 0.1
+
+
+@pytest.mark.parametrize("boost", [2.0, 4.0])
+def test_larger_coherent_group_is_outvoted(boost):
+  problem = make_problem(fraction=0.3, attack="coherent", attack_scale=boost, noise=0.01,
+                         rank=RANK, seed=31)
+  result = clair_jax.clair(problem.updates, RANK)
+  np.testing.assert_array_equal(result.contaminated, problem.contaminated)
+  assert sin_theta(result.subspace, problem.basis) < 0.05
+
+
+def test_convex_program_alone_absorbs_a_coherent_group():
+  """Why the trimming loop exists: the convex verdict misses the coherent group."""
+  problem = make_problem(fraction=0.25, attack="coherent", rank=RANK, seed=41)
+  result = clair_jax.clair(problem.updates, RANK, consensus=False)
+  assert not np.array_equal(result.convex_contaminated, problem.contaminated)
+  np.testing.assert_array_equal(result.contaminated, problem.contaminated)
+
+
+def test_refined_outputs_and_in_subspace_boosts():
+  """Benign: U U^T D_k. Contaminated: as sent. In-subspace boosts hurt nobody else."""
+  problem = make_problem(fraction=0.2, noise=0.02, rank=RANK, seed=51)
+  updates = np.array(problem.updates)
+  boosted = np.flatnonzero(~problem.contaminated)[:2]
+  clean = clair_jax.clair(updates, RANK)
+  noise = updates - problem.truth
+  updates[boosted[0]] = 10.0 * problem.truth[boosted[0]] + noise[boosted[0]]
+  updates[boosted[1]] = -5.0 * problem.truth[boosted[1]] + noise[boosted[1]]
+  result = clair_jax.clair(updates, RANK)
+  np.testing.assert_array_equal(result.contaminated, problem.contaminated)
+  bad = problem.contaminated
+  np.testing.assert_array_equal(np.asarray(result.refined)[bad], updates[bad])
+  u = np.asarray(result.subspace)
+  good = np.flatnonzero(~bad)
+  np.testing.assert_allclose(np.asarray(result.refined)[good],
+                             np.einsum("mr,pr,kpn->kmn", u, u, updates[good]), atol=1e-5)
+  others = np.setdiff1d(good, boosted)
+  error = lambda refined: np.sum((np.asarray(refined)[others] - problem.truth[others]) ** 2,
+                                 axis=(1, 2))
+  assert np.all(error(result.refined) <= 1.05 * error(clean.refined))
+
+
+def test_options_are_honoured():
+  problem = make_problem(fraction=0.2, noise=0.02, rank=RANK, seed=61)
+  result = clair_jax.clair(problem.updates, RANK, lam_low_rank=0.7, lam_sparse=0.9,
+                           noise_level=0.02, contaminated_output="project")
+  np.testing.assert_allclose(float(result.lam_low_rank), 0.7, rtol=1e-5)
+  np.testing.assert_allclose(float(result.lam_sparse), 0.9, rtol=1e-5)
+  np.testing.assert_allclose(float(result.noise_level), 0.02, rtol=1e-5)
+  np.testing.assert_array_equal(result.contaminated, problem.contaminated)
+  u = np.asarray(result.subspace)
+  np.testing.assert_allclose(result.refined, np.einsum("mr,pr,kpn->kmn", u, u, problem.updates),
+                             atol=1e-5)
+  stricter = clair_jax.clair(problem.updates, RANK, threshold_ratio=50.0, mad_multiplier=0.0)
+  assert float(stricter.threshold) == pytest.approx(50.0)
+  assert "flagged" in result.summary()
+  with pytest.raises(TypeError, match="unknown option"):
+    clair_jax.clair(problem.updates, RANK, lamda=1.0)
+
+
+def test_rank_chosen_from_data():
+  problem = make_problem(fraction=0.3, attack="coherent", noise=0.01, rank=RANK, seed=71)
+  assert clair_jax.estimate_rank(problem.updates) == RANK
+  result = clair_jax.clair(problem.updates)
+  assert result.subspace.shape == (problem.updates.shape[1], RANK)
+  np.testing.assert_array_equal(result.contaminated, problem.contaminated)
+
+
+def test_row_side():
+  problem = make_problem(fraction=0.25, rank=RANK, seed=81)
+  transposed = np.swapaxes(problem.updates, 1, 2)  # the shared space is now the row space
+  result = clair_jax.clair(transposed, RANK, side="right")
+  assert result.subspace.shape == (transposed.shape[2], RANK)
+  assert result.refined.shape == transposed.shape
+  np.testing.assert_array_equal(result.contaminated, problem.contaminated)
+  assert sin_theta(result.subspace, problem.basis) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_is_computed_in_float32(dtype):
+  problem = make_problem(fraction=0.25, noise=0.01, rank=RANK, seed=91)
+  result = clair_jax.clair(jnp.asarray(problem.updates, dtype), RANK)
+  assert result.subspace.dtype == jnp.float32
+  assert result.refined.dtype == dtype
+  np.testing.assert_array_equal(result.contaminated, problem.contaminated)
+  assert sin_theta(result.subspace, problem.basis) < 0.05
+
+
+def test_float64():
+  problem = make_problem(fraction=0.25, rank=RANK, seed=92, dtype=np.float64)
+  with jax.enable_x64(True):
+    result = clair_jax.clair(jnp.asarray(problem.updates), RANK)
+    assert result.subspace.dtype == jnp.float64
+    assert sin_theta(result.subspace, problem.basis) < 1e-10

@@ -1,0 +1,90 @@
+"""The FISTA decomposition: convergence, status codes, init/step/solve consistency."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clair_jax
+from clair_jax._src import solver
+from problems import make_problem
+
+
+@pytest.fixture(scope="module")
+def noisy():
+  problem = make_problem(num_clients=12, m=24, n=8, rank=2, fraction=0.25, noise=0.02, seed=5)
+  sigma = 0.02
+  lam_low_rank = sigma * (np.sqrt(24) + np.sqrt(12 * 8))
+  lam_sparse = 1.5 * sigma * np.sqrt(24 * 8)
+  return problem, lam_low_rank, lam_sparse
+
+
+def objective(blocks, low_rank, sparse, lam_low_rank, lam_sparse):
+  stacked = lambda x: np.transpose(np.asarray(x, np.float64), (1, 0, 2)).reshape(x.shape[1], -1)
+  fit = 0.5 * np.sum((np.asarray(blocks) - low_rank - sparse) ** 2)
+  nuclear = np.linalg.norm(stacked(low_rank), "nuc")
+  group = np.sum(np.linalg.norm(np.asarray(sparse, np.float64), axis=(1, 2)))
+  return fit + lam_low_rank * nuclear + lam_sparse * group
+
+
+@pytest.mark.parametrize("svt_method", ["svd", "gram", "auto"])
+def test_converges_and_separates(noisy, svt_method):
+  problem, lam_low_rank, lam_sparse = noisy
+  sol = clair_jax.solve_decomposition(problem.updates, lam_low_rank, lam_sparse,
+                                      svt_method=svt_method)
+  assert int(sol.status) == solver.SUCCESSFUL
+  assert int(sol.num_steps) < sol.max_steps and float(sol.residual) < 1e-4
+  sparse_norms = np.linalg.norm(np.asarray(sol.sparse), axis=(1, 2))
+  np.testing.assert_array_equal(sparse_norms > 0, problem.contaminated)
+  # Optimality (to solver tolerance): small perturbations do not lower the objective.
+  base = objective(problem.updates, sol.low_rank, sol.sparse, lam_low_rank, lam_sparse)
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    d = 1e-3 * rng.normal(size=problem.updates.shape)
+    assert objective(problem.updates, np.asarray(sol.low_rank) + d, sol.sparse, lam_low_rank,
+                     lam_sparse) >= base - 1e-3
+
+
+def test_svt_methods_agree(noisy):
+  problem, lam_low_rank, lam_sparse = noisy
+  blocks = jnp.asarray(problem.updates)
+  by_svd = solver.svt_blocks(blocks, 0.3, "svd")
+  for method in ("gram", "auto"):
+    np.testing.assert_allclose(solver.svt_blocks(blocks, 0.3, method), by_svd, atol=1e-4)
+  with pytest.raises(ValueError, match="svt_method"):
+    solver.svt_blocks(blocks, 0.3, "qr")
+
+
+def test_manual_steps_equal_solve(noisy):
+  problem, lam_low_rank, lam_sparse = noisy
+  blocks = jnp.asarray(problem.updates)
+  lam_s = jnp.full((blocks.shape[0],), lam_sparse, blocks.dtype)
+  state = clair_jax.init_decomposition(blocks, jnp.asarray(lam_low_rank, blocks.dtype), lam_s)
+  assert isinstance(state, clair_jax.DecompositionState)
+  step = jax.jit(clair_jax.decomposition_step)
+  for _ in range(7):
+    state = step(state, blocks, jnp.asarray(lam_low_rank, blocks.dtype), lam_s)
+  sol = clair_jax.solve_decomposition(blocks, lam_low_rank, lam_sparse, max_steps=7)
+  assert int(sol.num_steps) == 7 == int(state.step)
+  np.testing.assert_allclose(sol.low_rank, state.low_rank, atol=1e-5)
+  np.testing.assert_allclose(sol.sparse, state.sparse, atol=1e-5)
+
+
+def test_status_codes(noisy):
+  problem, lam_low_rank, lam_sparse = noisy
+  capped = clair_jax.solve_decomposition(problem.updates, lam_low_rank, lam_sparse, max_steps=3)
+  assert int(capped.status) == solver.MAX_STEPS_REACHED
+  assert int(capped.num_steps) == 3
+  poisoned = np.array(problem.updates)
+  poisoned[0, 0, 0] = np.nan
+  bad = clair_jax.solve_decomposition(poisoned, lam_low_rank, lam_sparse)
+  assert int(bad.status) == solver.NONFINITE
+  assert clair_jax.STATUS_NAMES[int(bad.status)] == "nonfinite"
+
+
+def test_no_retrace_on_second_call(noisy):
+  problem, lam_low_rank, lam_sparse = noisy
+  clair_jax.solve_decomposition(problem.updates, lam_low_rank, lam_sparse)
+  before = solver.solve_decomposition._cache_size()
+  clair_jax.solve_decomposition(problem.updates * 2, lam_low_rank * 2, lam_sparse * 2)
+  assert solver.solve_decomposition._cache_size() == before
