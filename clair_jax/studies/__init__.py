@@ -1,0 +1,1 @@
+"""Studies behind the ``clair-jax`` subcommands (each exposes ``add_arguments`` and ``run``)."""
