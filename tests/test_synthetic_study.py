@@ -94,3 +94,15 @@ def test_bad_grid_option_is_rejected(tmp_path, capsys):
     cli.main(["synthetic", "--out", str(tmp_path), "--attacks", "random,nope"])
   assert "unknown attack" in capsys.readouterr().err
   assert not os.listdir(tmp_path)
+
+
+def test_regression_setting_runs_through_the_grid():
+  config = synthetic_study.QUICK._replace(
+      attacks=("coherent",), noises=(1.0,), setting="regression", num_samples=40
+  )
+  (cell,) = synthetic_study.run_grid(config)
+  assert set(cell["methods"]) == EXPECTED_METHODS
+  errors = {k: v["benign_error"] for k, v in cell["methods"].items()}
+  # OLS noise is removed off the subspace: the oracle beats every client's own estimate
+  assert errors["oracle"] < errors["local"]
+  assert cell["methods"]["oracle"]["exact"] == 1.0
