@@ -103,3 +103,14 @@ def test_bad_options_raise():
     synthetic.make_regression_problem(jax.random.key(0), m=10, num_samples=5)
   with pytest.raises(ValueError, match=r"\(K, N, m\)"):
     synthetic.least_squares_estimates(jnp.ones((2, 5, 3)), jnp.ones((2, 4, 1)))
+
+
+def test_grid_values_do_not_recompile():
+  """Fraction, noise, heterogeneity and separation are traced: one compile per attack/size."""
+  sizes = dict(num_clients=10, m=12, n=3, rank=2, attack="overlap")
+  synthetic.make_problem(jax.random.key(0), fraction=0.1, noise=0.1, **sizes)
+  before = synthetic._problem_arrays._cache_size()
+  synthetic.make_problem(
+      jax.random.key(1), fraction=0.4, noise=0.5, heterogeneity=0.9, separation=0.2, **sizes
+  )
+  assert synthetic._problem_arrays._cache_size() == before
