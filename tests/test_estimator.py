@@ -112,7 +112,9 @@ def test_options_are_honoured():
   np.testing.assert_allclose(result.refined, np.einsum("mr,pr,kpn->kmn", u, u, problem.updates),
                              atol=1e-5)
   stricter = clair_jax.clair(problem.updates, RANK, threshold_ratio=50.0, mad_multiplier=0.0)
-  assert float(stricter.threshold) == pytest.approx(50.0)
+  np.testing.assert_allclose(stricter.thresholds, [50.0, 50.0], rtol=1e-6)
+  assert not np.asarray(stricter.contaminated).any()  # nothing is 50x off
+  assert float(result.threshold) == 1.0
   assert "flagged" in result.summary()
   with pytest.raises(TypeError, match="unknown option"):
     clair_jax.clair(problem.updates, RANK, lamda=1.0)
@@ -152,3 +154,18 @@ def test_float64():
     result = clair_jax.clair(jnp.asarray(problem.updates), RANK)
     assert result.subspace.dtype == jnp.float64
     assert sin_theta(result.subspace, problem.basis) < 1e-10
+
+
+def test_benign_clients_with_different_noise_levels():
+  """Noise levels spread 2x either way: the structure test still finds a coherent group."""
+  rng = np.random.default_rng(5)
+  problem = make_problem(num_clients=30, m=64, n=16, rank=4, fraction=0.3, attack="coherent",
+                         seed=5)
+  sigma = 0.1 * np.exp(rng.uniform(-np.log(2), np.log(2), size=30))
+  updates = problem.truth + sigma[:, None, None] * rng.normal(size=problem.truth.shape)
+  bad = problem.contaminated
+  updates[bad] = problem.updates[bad] + 0.1 * rng.normal(size=updates[bad].shape)
+  result = clair_jax.clair(updates.astype(np.float32), 4)
+  np.testing.assert_array_equal(result.contaminated, bad)
+  structure = np.asarray(result.structure_scores)
+  assert structure[bad].min() > structure[~bad].max()

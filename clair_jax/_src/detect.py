@@ -31,13 +31,21 @@ from clair_jax._src.subspace import project_onto_subspace
 MAD_TO_STD = 1.4826
 
 
-def masked_median(values: jax.Array, mask: jax.Array) -> jax.Array:
-  """Median of ``values[mask]`` with a static shape (``mask`` may be traced)."""
+def masked_quantile(values: jax.Array, mask: jax.Array, quantile: float) -> jax.Array:
+  """Linear-interpolated ``quantile`` of ``values[mask]`` with a static shape."""
   count = jnp.sum(mask)
   ordered = jnp.sort(jnp.where(mask, values, jnp.inf))
-  low = ordered[jnp.maximum((count - 1) // 2, 0)]
-  high = ordered[jnp.maximum(count // 2, 0)]
-  return jnp.where(count > 0, 0.5 * (low + high), 0.0)
+  position = quantile * jnp.maximum(count - 1, 0)
+  low = jnp.floor(position).astype(jnp.int32)
+  high = jnp.minimum(low + 1, jnp.maximum(count - 1, 0))
+  weight = position - low
+  value = (1 - weight) * ordered[low] + weight * jnp.where(weight > 0, ordered[high], 0.0)
+  return jnp.where(count > 0, value, 0.0)
+
+
+def masked_median(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Median of ``values[mask]`` with a static shape (``mask`` may be traced)."""
+  return masked_quantile(values, mask, 0.5)
 
 
 def smallest_sum(values: jax.Array, mask: jax.Array, count: jax.Array) -> jax.Array:
@@ -72,13 +80,15 @@ def unexplained_fraction(updates: jax.Array, subspace: jax.Array) -> jax.Array:
 class Split(NamedTuple):
   """A benign/contaminated split and what it implies."""
 
-  benign: jax.Array      # (K,) bool
-  subspace: jax.Array    # (m, r), fitted on `benign`
-  scores: jax.Array      # (K,) residual / benign median residual
-  threshold: jax.Array   # scalar, in score units
-  scale: jax.Array       # benign median residual (normalised units, floored)
-  objective: jax.Array   # trimmed sum of unexplained fractions (lower is better)
-  num_steps: jax.Array   # C-steps taken
+  benign: jax.Array            # (K,) bool
+  subspace: jax.Array          # (m, r), fitted on `benign`
+  scores: jax.Array            # (K,) max over tests of score / its threshold; > 1 flags
+  residual_scores: jax.Array   # (K,) residual / benign median residual
+  structure_scores: jax.Array  # (K,) residual / own-noise expectation, benign-normalised
+  thresholds: jax.Array        # (2,) thresholds of the two tests
+  scale: jax.Array             # benign median residual (normalised units, floored)
+  objective: jax.Array         # trimmed sum of unexplained fractions (lower is better)
+  num_steps: jax.Array         # C-steps taken
 
 
 def consensus_start(
@@ -116,6 +126,36 @@ def consensus_start(
   return smallest_mask(fractions[best], active, h)
 
 
+def own_tail_energy(updates: jax.Array, rank: int) -> jax.Array | None:
+  """Energy of each client's own block beyond its top-``rank`` singular values, ``(K,)``.
+
+  ``sum_{i > r} s_i(D_k)^2``: for a benign client (rank-``r`` signal plus noise) this is
+  noise only, so it calibrates the client's *own* noise level. ``None`` when
+  ``min(m, n) <= rank`` (no tail to measure).
+  """
+  _, m, n = updates.shape
+  if min(m, n) <= rank:
+    return None
+  small_gram = (jnp.einsum("kmn,kmp->knp", updates, updates) if n <= m
+                else jnp.einsum("kmn,kpn->kmp", updates, updates))
+  eigenvalues = jnp.linalg.eigvalsh(small_gram)            # ascending
+  tail = jnp.sum(eigenvalues[:, : min(m, n) - rank], axis=1)
+  return jnp.maximum(tail, 0.0)
+
+
+def robust_threshold(scores, benign, threshold_ratio, mad_multiplier):
+  """``max(rho, exp(med_B log s + z * 1.4826 * MAD_B(log s)))``.
+
+  Scores are ratios (benign median ~1) and benign clients differ multiplicatively (one
+  client's noise twice another's), so the band is set on the log scale: it reduces to the
+  floor ``rho`` when benign clients agree and widens as they spread.
+  """
+  logs = jnp.log(jnp.maximum(scores, jnp.finfo(scores.dtype).tiny))
+  centre = masked_median(logs, benign)
+  spread = MAD_TO_STD * masked_median(jnp.abs(logs - centre), benign)
+  return jnp.maximum(threshold_ratio, jnp.exp(centre + mad_multiplier * spread))
+
+
 def score_split(
     updates: jax.Array,
     active: jax.Array,
@@ -126,18 +166,26 @@ def score_split(
     mad_multiplier: float,
     scale_floor: float,
     fixed_scale: jax.Array | None = None,
+    own_tail: jax.Array | None = None,
 ) -> Split:
-  """Fits ``U`` on ``benign``, scores every client and returns the implied split.
+  r"""Fits ``U`` on ``benign``, scores every client with two tests, returns the split.
 
-  .. math::
-    s_k = \\frac{\\|(I - \\hat U \\hat U^\\top) D_k\\|_F}
-               {\\max(\\operatorname{med}_{j \\in B} \\|(I - \\hat U \\hat U^\\top) D_j\\|_F,\\ \\epsilon)}
-    ,\\qquad
-    \\tau = \\max\\big(\\rho,\\ 1 + z\\, 1.4826\\, \\operatorname{MAD}_{j \\in B}(s_j)\\big)
+  With residuals :math:`\rho_k = \|(I - \hat U \hat U^\top) D_k\|_F`:
 
-  A client is benign when ``s_k <= tau``; at least a majority ``h`` of active clients is
-  kept (the ``h`` lowest scores), since a contaminated majority is not identifiable.
-  ``fixed_scale`` replaces the benign median residual (a known noise level).
+  * residual test (garbage, large off-subspace updates):
+    :math:`a_k = \rho_k / \max(\operatorname{med}_{j \in B} \rho_j, \epsilon)`;
+  * structure test (heteroscedastic-robust; a client whose off-subspace part exceeds its
+    *own* noise, as a coherent group does): with :math:`t_k` the tail energy of
+    :math:`D_k` beyond its top ``r`` singular values,
+    :math:`b_k = \rho_k / \sqrt{t_k\, n / (n - r)}`, divided by
+    :math:`\max(\operatorname{med}_{j \in B} b_j, 1)`.
+
+  Each test has threshold :func:`robust_threshold` (the floor ``threshold_ratio``, widened
+  on the log scale by the benign spread),
+  and the reported score is :math:`\max(a_k / \tau_a, b_k / \tau_b)`: a client is benign
+  when it is at most 1. At least a majority ``h`` of active clients is kept (the ``h``
+  lowest scores), since a contaminated majority is not identifiable. ``fixed_scale``
+  replaces the benign median residual (a known noise level).
   """
   subspace = fit_subspace(updates, benign, rank)
   residuals = residual_norms(updates, subspace)
@@ -145,14 +193,28 @@ def score_split(
     scale = jnp.maximum(masked_median(residuals, benign), scale_floor)
   else:
     scale = jnp.asarray(fixed_scale, residuals.dtype)
-  scores = jnp.where(active, residuals / scale, jnp.inf)
-  spread = MAD_TO_STD * masked_median(jnp.abs(scores - masked_median(scores, benign)), benign)
-  threshold = jnp.maximum(threshold_ratio, 1.0 + mad_multiplier * spread)
+  residual_scores = jnp.where(active, residuals / scale, jnp.inf)
+  residual_threshold = robust_threshold(residual_scores, benign, threshold_ratio,
+                                        mad_multiplier)
+  scores = residual_scores / residual_threshold
+  if own_tail is None:
+    structure_scores = jnp.zeros_like(residual_scores)
+    structure_threshold = jnp.asarray(jnp.inf, residuals.dtype)
+  else:
+    _, _, n = updates.shape
+    expected = jnp.maximum(jnp.sqrt(own_tail * n / (n - rank)), scale_floor)
+    structure = residuals / expected
+    structure = structure / jnp.maximum(masked_median(structure, benign), 1.0)
+    structure_scores = jnp.where(active, structure, jnp.inf)
+    structure_threshold = robust_threshold(structure_scores, benign, threshold_ratio,
+                                           mad_multiplier)
+    scores = jnp.maximum(scores, structure_scores / structure_threshold)
   h = majority_size(active)
-  new_benign = active & (scores <= threshold)
+  new_benign = active & (scores <= 1.0)
   new_benign = jnp.where(jnp.sum(new_benign) >= h, new_benign, smallest_mask(scores, active, h))
   objective = smallest_sum(unexplained_fraction(updates, subspace), active, h)
-  return Split(new_benign, subspace, scores, threshold, scale, objective,
+  return Split(new_benign, subspace, scores, residual_scores, structure_scores,
+               jnp.stack([residual_threshold, structure_threshold]), scale, objective,
                jnp.asarray(0, jnp.int32))
 
 
@@ -167,15 +229,17 @@ def concentrate(
     mad_multiplier: float,
     scale_floor: float,
     fixed_scale: jax.Array | None = None,
+    own_tail: jax.Array | None = None,
 ) -> Split:
   """C-steps from ``start`` until the benign set stops changing (or ``max_steps``).
 
-  Returns the split scored on the final benign set, so ``scores``, ``threshold`` and
+  Returns the split scored on the final benign set, so ``scores``, ``thresholds`` and
   ``subspace`` are consistent with each other.
   """
   score = lambda benign: score_split(
       updates, active, benign, rank, threshold_ratio=threshold_ratio,
-      mad_multiplier=mad_multiplier, scale_floor=scale_floor, fixed_scale=fixed_scale)
+      mad_multiplier=mad_multiplier, scale_floor=scale_floor, fixed_scale=fixed_scale,
+      own_tail=own_tail)
   first = score(start)
   state = (jnp.asarray(1, jnp.int32), start, first)
 
