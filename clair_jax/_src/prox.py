@@ -6,8 +6,6 @@ a zero block or a zero singular value yields finite values *and* finite gradient
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -176,13 +174,3 @@ def gram_is_accurate(singular_values_max: jax.Array, threshold: jax.Array, dtype
   """
   eps = jnp.finfo(dtype).eps
   return threshold >= singular_values_max * jnp.sqrt(eps)
-
-
-@functools.partial(jax.jit, static_argnames=("method",))
-def svt(x: jax.Array, threshold: jax.Array | float, method: str = "svd") -> jax.Array:
-  """Jitted SVT dispatcher: ``method`` in ``{"svd", "gram"}``."""
-  if method == "svd":
-    return prox_nuclear(x, threshold)
-  if method == "gram":
-    return prox_nuclear_gram(x, threshold)
-  raise ValueError(f"method must be 'svd' or 'gram', got {method!r}")
