@@ -199,7 +199,9 @@ def multi_krum(
     num_selected = num_clients - num_byzantine
   scores = krum_scores(updates, num_byzantine)
   order = jnp.argsort(scores)
-  ranks = jnp.zeros((num_clients,), jnp.int32).at[order].set(jnp.arange(num_clients))
+  ranks = jnp.zeros((num_clients,), jnp.int32).at[order].set(
+      jnp.arange(num_clients, dtype=jnp.int32)
+  )
   limit = jnp.clip(jnp.minimum(num_selected, jnp.sum(jnp.isfinite(scores))), 1, num_clients)
   selected = ranks < limit
   safe = jnp.where(selected[:, None, None], updates, 0.0)

@@ -147,7 +147,7 @@ def _angle_basis(basis, separation, gauss_rotation, gauss_perp):
 
 
 def subspace_at_angle(key: jax.Array, basis: jax.Array, separation: float) -> jax.Array:
-  """An orthonormal ``m x r`` basis whose principal angles to ``basis`` all have sine ``separation``.
+  """A random orthonormal ``m x r`` basis at principal angles ``arcsin(separation)`` to ``basis``.
 
   .. math::
     V = \\sqrt{1 - s^2}\\, U Q + s\\, U_\\perp Q', \\qquad U^T U_\\perp = 0,
@@ -170,7 +170,7 @@ def subspace_at_angle(key: jax.Array, basis: jax.Array, separation: float) -> ja
 
 
 def _coefficients(shared, own, m, rank, heterogeneity):
-  """``W_k = sqrt(m/r) (sqrt(1-h) W_0 + sqrt(h) G_k)`` from Gaussians ``W_0 (1, r, n)``, ``G (K, r, n)``."""
+  """``W_k = sqrt(m/r) (sqrt(1-h) W_0 + sqrt(h) G_k)``, Gaussians ``W_0 (1,r,n)``, ``G (K,r,n)``."""
   mix = jnp.sqrt(1.0 - heterogeneity) * shared + jnp.sqrt(heterogeneity) * own
   return math.sqrt(m / rank) * mix
 
@@ -203,7 +203,9 @@ def _mask_from_count(gaussian: jax.Array, count) -> jax.Array:
   """The ``count`` clients with the smallest of i.i.d. draws ``(K,)`` (``count`` may be traced)."""
   num_clients = gaussian.shape[0]
   order = jnp.argsort(gaussian)
-  position = jnp.zeros((num_clients,), jnp.int32).at[order].set(jnp.arange(num_clients))
+  position = jnp.zeros((num_clients,), jnp.int32).at[order].set(
+      jnp.arange(num_clients, dtype=jnp.int32)
+  )
   return position < count
 
 

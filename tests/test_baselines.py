@@ -116,8 +116,10 @@ def test_krum_scores_and_selection_match_numpy(f):
   np.testing.assert_allclose(np.asarray(res.estimates[3]), x[best], rtol=1e-6)
   multi = baselines.multi_krum(jnp.asarray(x), f)
   chosen = np.argsort(ref)[: K - f]
-  np.testing.assert_array_equal(np.sort(np.flatnonzero(np.asarray(multi.selected))), np.sort(chosen))
-  np.testing.assert_allclose(np.asarray(multi.estimates[0]), x[chosen].mean(0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(multi.selected)), np.sort(chosen))
+  np.testing.assert_allclose(
+      np.asarray(multi.estimates[0]), x[chosen].mean(0), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_multi_krum_rejects_outliers_and_nonfinite():

@@ -48,7 +48,10 @@ def test_deterministic_in_key_and_contaminated_set_is_random():
   c = synthetic.make_problem(jax.random.key(4), **SIZES)
   np.testing.assert_array_equal(np.asarray(a.updates), np.asarray(b.updates))
   assert not np.array_equal(np.asarray(a.updates), np.asarray(c.updates))
-  masks = [np.asarray(synthetic.make_problem(jax.random.key(s), **SIZES).contaminated) for s in range(4)]
+  masks = [
+      np.asarray(synthetic.make_problem(jax.random.key(s), **SIZES).contaminated)
+      for s in range(4)
+  ]
   assert any(not m[:4].all() for m in masks)  # not always the first clients
 
 

@@ -371,9 +371,11 @@ def markdown_table(cells: list[dict], config: StudyConfig, checks: dict, runtime
       f"fractions {list(config.fractions)} x noise levels {list(config.noises)}, "
       f"{config.trials} trial(s) each; bold: best non-oracle method). K={config.num_clients}, "
       f"m={config.m}, n={config.n}, r={config.rank}, heterogeneity {config.heterogeneity}, "
-      f"seed {config.seed}, setting `{config.setting}`. `krum` is multi-Krum told the true number of attackers; "
+      f"seed {config.seed}, setting `{config.setting}`. `krum` is multi-Krum told the true "
+      f"number of attackers; "
       f"`trimmed_mean` trims the true fraction; `oracle` fits the subspace on the true benign "
-      f"set. `inf`: NaN/Inf reached benign clients. CLAIR F1/exact: detection, averaged over cells.",
+      f"set. `inf`: NaN/Inf reached benign clients. CLAIR F1/exact: detection, averaged over "
+      f"cells.",
       "",
       f"Checks: CLAIR within {ORACLE_FACTOR}x of the oracle in "
       f"{exact['exact_trials'] - len(exact['failures'])}/{exact['exact_trials']} trials with exact "
@@ -558,7 +560,9 @@ def _attacks(text: str) -> tuple[str, ...]:
   names = tuple(x.strip() for x in text.split(",") if x.strip())
   unknown = [a for a in names if a not in synthetic.ATTACKS]
   if unknown:
-    raise argparse.ArgumentTypeError(f"unknown attack(s) {unknown}; choose from {synthetic.ATTACKS}")
+    raise argparse.ArgumentTypeError(
+        f"unknown attack(s) {unknown}; choose from {synthetic.ATTACKS}"
+    )
   return names
 
 
@@ -567,7 +571,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   default = StudyConfig()
   parser.add_argument("--out", required=True, help="output directory (created)")
   parser.add_argument("--fractions", type=_floats, default=None,
-                      help=f"contaminated fractions (default {','.join(map(str, default.fractions))})")
+                      help="contaminated fractions (default "
+                      f"{','.join(map(str, default.fractions))})")
   parser.add_argument("--attacks", type=_attacks, default=None,
                       help=f"attacks (default all: {','.join(synthetic.ATTACKS)})")
   parser.add_argument("--noise", type=_floats, default=None,
@@ -575,13 +580,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--separations", type=_floats, default=None,
                       help="separations for the phase diagram (default "
                       f"{','.join(map(str, default.separations))})")
-  parser.add_argument("--num-clients", type=int, default=None, help=f"K (default {default.num_clients})")
+  parser.add_argument("--num-clients", type=int, default=None,
+                      help=f"K (default {default.num_clients})")
   parser.add_argument("--m", type=int, default=None, help=f"rows m (default {default.m})")
   parser.add_argument("--n", type=int, default=None, help=f"columns n (default {default.n})")
   parser.add_argument("--rank", type=int, default=None, help=f"rank r (default {default.rank})")
   parser.add_argument("--heterogeneity", type=float, default=None,
                       help=f"heterogeneity inside the subspace (default {default.heterogeneity})")
-  parser.add_argument("--trials", type=int, default=None, help=f"trials per cell (default {default.trials})")
+  parser.add_argument("--trials", type=int, default=None,
+                      help=f"trials per cell (default {default.trials})")
   parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
   parser.add_argument("--setting", choices=("updates", "regression"), default="updates",
                       help="updates: Dhat_k = Delta_k + noise; regression: Dhat_k is the OLS "
@@ -590,7 +597,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="samples per client in the regression setting (default 2*m)")
   parser.add_argument("--quick", action="store_true", help="tiny grid (tests, smoke runs)")
   parser.add_argument("--readme", default=None,
-                      help=f"file whose text between {TABLE_BEGIN} and {TABLE_END} is replaced by the table")
+                      help=f"file whose text between {TABLE_BEGIN} and {TABLE_END} is "
+                      "replaced by the table")
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
