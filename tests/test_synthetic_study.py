@@ -14,10 +14,20 @@ EXPECTED_METHODS = {
 PLOTS = ("benign_error_vs_contamination.png", "detection_phase_diagram.png", "client_scores.png")
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("synthetic")
-  readme = out / "README.md"
+def test_quick_run_end_to_end(tmp_path, capsys):
+  """One CLI run (the expensive part) checked three ways; one test so xdist runs it once."""
+  status, out, readme = _quick_run(tmp_path)
+  assert status == 0
+  _check_report(out)
+  _check_plots_and_table(out)
+  _check_readme(out, readme)
+  printed = capsys.readouterr().out
+  assert printed.startswith("| attack |") and "updated the table in" in printed
+
+
+def _quick_run(tmp_path):
+  out = tmp_path / "synthetic"
+  readme = tmp_path / "README.md"
   readme.write_text(
       "# Title\nbefore\n"
       f"{synthetic_study.TABLE_BEGIN}\nold numbers typed by hand\n{synthetic_study.TABLE_END}\n"
@@ -29,9 +39,7 @@ def quick_run(tmp_path_factory):
   return status, out, readme
 
 
-def test_quick_run_writes_report_with_every_method(quick_run, capsys):
-  status, out, _ = quick_run
-  assert status == 0
+def _check_report(out):
   report = json.loads((out / "report.json").read_text())
   assert set(report["methods"]) == EXPECTED_METHODS
   for name, entry in report["methods"].items():
@@ -60,8 +68,7 @@ def test_quick_run_writes_report_with_every_method(quick_run, capsys):
   assert nonfinite and all(c["methods"]["fedavg"]["benign_error"] is None for c in nonfinite)
 
 
-def test_quick_run_writes_plots_and_table(quick_run):
-  _, out, _ = quick_run
+def _check_plots_and_table(out):
   for name in PLOTS:
     data = (out / name).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
@@ -71,8 +78,7 @@ def test_quick_run_writes_plots_and_table(quick_run):
     assert f"| {attack} |" in table
 
 
-def test_readme_table_is_replaced_between_markers(quick_run):
-  _, out, readme = quick_run
+def _check_readme(out, readme):
   text = readme.read_text()
   assert "old numbers typed by hand" not in text
   assert text.startswith("# Title\nbefore\n")
