@@ -4,6 +4,10 @@ from clair_jax._src.estimator import ClairOptions
 from clair_jax._src.estimator import ClairResult
 from clair_jax._src.estimator import clair
 from clair_jax._src.estimator import estimate_rank
+from clair_jax._src.factored import FactoredUpdates
+from clair_jax._src.factored import clair_factored
+from clair_jax._src.factored import from_flax_lora
+from clair_jax._src.factored import from_peft_lora
 from clair_jax._src.prox import prox_group_lasso
 from clair_jax._src.prox import prox_group_lasso_blocks
 from clair_jax._src.prox import prox_nuclear
@@ -28,10 +32,14 @@ __all__ = (
     "ClairResult",
     "DecompositionSolution",
     "DecompositionState",
+    "FactoredUpdates",
     "STATUS_NAMES",
     "clair",
+    "clair_factored",
     "decomposition_step",
     "estimate_rank",
+    "from_flax_lora",
+    "from_peft_lora",
     "init_decomposition",
     "prox_group_lasso",
     "prox_group_lasso_blocks",

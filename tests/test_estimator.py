@@ -169,3 +169,15 @@ def test_benign_clients_with_different_noise_levels():
   np.testing.assert_array_equal(result.contaminated, bad)
   structure = np.asarray(result.structure_scores)
   assert structure[bad].min() > structure[~bad].max()
+
+
+def test_large_coherent_group_when_benign_signal_is_below_noise():
+  """40% attackers at 5x norms, benign signal weaker than noise per client: the subspace
+  of the larger group holds no signal from the majority, and the complement start wins."""
+  problem = make_problem(num_clients=30, m=64, n=16, rank=4, fraction=0.4, attack="coherent",
+                         attack_scale=5.0, noise=0.6, seed=8)
+  result = clair_jax.clair(problem.updates, 4)
+  np.testing.assert_array_equal(result.contaminated, problem.contaminated)
+  oracle_basis = clair_jax.fit_subspace(problem.updates, ~problem.contaminated, 4)
+  assert sin_theta(result.subspace, problem.basis) <= 1.01 * sin_theta(oracle_basis,
+                                                                        problem.basis)

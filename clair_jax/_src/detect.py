@@ -87,6 +87,7 @@ class Split(NamedTuple):
   structure_scores: jax.Array  # (K,) residual / own-noise expectation, benign-normalised
   thresholds: jax.Array        # (2,) thresholds of the two tests
   scale: jax.Array             # benign median residual (normalised units, floored)
+  unsupported: jax.Array       # benign clients with no significant signal in `subspace`
   objective: jax.Array         # trimmed sum of unexplained fractions (lower is better)
   num_steps: jax.Array         # C-steps taken
 
@@ -141,6 +142,43 @@ def own_tail_energy(updates: jax.Array, rank: int) -> jax.Array | None:
   eigenvalues = jnp.linalg.eigvalsh(small_gram)            # ascending
   tail = jnp.sum(eigenvalues[:, : min(m, n) - rank], axis=1)
   return jnp.maximum(tail, 0.0)
+
+
+def count_unsupported(updates, benign, subspace, own_tail, floor):
+  r"""How many clients of the ``benign`` set hold no significant signal in ``subspace``.
+
+  Counting clients, not energy, is what lets a benign majority win against a coherent
+  group with larger norms, even when each benign client's signal is weaker than its
+  noise: residual tests cannot tell noise from a weak signal left out, but the subspace
+  of the larger group holds *no signal* from the majority it calls benign. With the
+  client's own noise variance :math:`\hat\sigma_k^2 = t_k / ((m - r)(n - r))` (its
+  spectral tail, at least ``floor^2 / (m n)``), a client is supported when its in-subspace
+  energy is 4 standard deviations above pure noise:
+  :math:`\|U^\top D_k\|_F^2 > \hat\sigma_k^2 (r n + 4\sqrt{2 r n})`.
+  Returns 0 when there is no spectral tail (``n <= r``).
+  """
+  if own_tail is None:
+    return jnp.asarray(0, jnp.int32)
+  _, m, n = updates.shape
+  rank = subspace.shape[1]
+  noise_variance = jnp.maximum(own_tail / ((m - rank) * (n - rank)), floor**2 / (m * n))
+  dof = rank * n
+  energy = jnp.sum(jnp.einsum("mr,kmn->krn", subspace, updates) ** 2, axis=(1, 2))
+  supported = energy > noise_variance * (dof + 4.0 * jnp.sqrt(2.0 * dof))
+  return jnp.sum(benign & ~supported).astype(jnp.int32)
+
+
+def better_split(first: Split, second: Split) -> jax.Array:
+  """Whether ``first`` beats ``second``: fewer unsupported benign clients, then lower
+  trimmed objective (the sum of the ``h`` smallest unexplained fractions)."""
+  return (first.unsupported < second.unsupported) | (
+      (first.unsupported == second.unsupported) & (first.objective <= second.objective))
+
+
+def select_split(first: Split, second: Split) -> Split:
+  """The better of two splits (see :func:`better_split`), elementwise so it traces."""
+  take_first = better_split(first, second)
+  return jax.tree.map(lambda a, b: jnp.where(take_first, a, b), first, second)
 
 
 def robust_threshold(scores, benign, threshold_ratio, mad_multiplier):
@@ -213,9 +251,10 @@ def score_split(
   new_benign = active & (scores <= 1.0)
   new_benign = jnp.where(jnp.sum(new_benign) >= h, new_benign, smallest_mask(scores, active, h))
   objective = smallest_sum(unexplained_fraction(updates, subspace), active, h)
+  unsupported = count_unsupported(updates, new_benign, subspace, own_tail, scale_floor)
   return Split(new_benign, subspace, scores, residual_scores, structure_scores,
-               jnp.stack([residual_threshold, structure_threshold]), scale, objective,
-               jnp.asarray(0, jnp.int32))
+               jnp.stack([residual_threshold, structure_threshold]), scale, unsupported,
+               objective, jnp.asarray(0, jnp.int32))
 
 
 def concentrate(

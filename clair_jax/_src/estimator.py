@@ -19,6 +19,9 @@ from clair_jax._src.subspace import stack_clients
 # Where the benign set came from (see ClairResult.start).
 START_CONVEX = 0
 START_CONSENSUS = 1
+START_COMPLEMENT = 2
+START_NAMES = {START_CONVEX: "convex", START_CONSENSUS: "consensus",
+               START_COMPLEMENT: "complement"}
 
 
 class ClairOptions(NamedTuple):
@@ -32,9 +35,10 @@ class ClairOptions(NamedTuple):
     noise_level: noise std ``sigma`` per entry (input units). Default: estimated, as
       ``median_benign ||(I - U U^T) D_k||_F / sqrt((m - r) n)``.
     threshold_ratio: a client is flagged when its residual exceeds this multiple of the
-      benign median residual (default 1.5) ...
-    mad_multiplier: ... or ``1 + mad_multiplier * 1.4826 * MAD`` of the benign scores,
-      whichever is larger, so heteroscedastic benign clients are not flagged (default 3).
+      benign median residual, or of its own noise level (default 1.5) ...
+    mad_multiplier: ... or ``exp(median + mad_multiplier * 1.4826 * MAD)`` of the benign
+      log-scores, whichever is larger, so benign clients that spread (different noise
+      levels) are not flagged (default 3).
     scale_floor: floor on the benign median residual, relative to the median client norm
       (default 1e-4); keeps scores meaningful for noiseless data.
     convex_floor: floor on that residual when it sets the convex weights (default 1e-2):
@@ -76,9 +80,18 @@ class ClairResult(NamedTuple):
 
   Attributes:
     contaminated: ``(K,)`` bool, flagged clients (non-finite clients always flagged).
-    scores: ``(K,)`` off-subspace residual over the benign median residual; larger is more
-      suspicious; ``+inf`` for non-finite clients.
-    threshold: scalar; ``contaminated == scores > threshold``.
+    scores: ``(K,)`` how far each client is past its threshold: the larger of
+      ``residual_scores / thresholds[0]`` and ``structure_scores / thresholds[1]``; larger
+      is more suspicious; ``+inf`` for non-finite clients.
+    threshold: scalar 1.0; ``contaminated == scores > threshold``.
+    residual_scores: ``(K,)`` off-subspace residual ``||(I - U U^T) D_k||_F`` over the
+      benign median (catches garbage and large off-subspace updates).
+    structure_scores: ``(K,)`` off-subspace residual over the client's own noise level
+      (estimated from its spectrum beyond rank ``r``), benign-normalised; robust to benign
+      clients with different noise levels, catches coherent groups (0 when ``n <= r``).
+    thresholds: ``(2,)`` the two tests' thresholds, each
+      ``max(threshold_ratio, exp(med + mad_multiplier * 1.4826 * MAD))`` over benign
+      log-scores.
     subspace: ``(m, r)`` orthonormal, top-``r`` left singular vectors of the benign clients'
       updates (``(n, r)`` with ``side="right"``).
     refined: ``(K, m, n)`` benign ``U U^T D_k``; contaminated as sent (see options).
@@ -89,12 +102,16 @@ class ClairResult(NamedTuple):
     status: int32, ``solver.STATUS_NAMES`` (0 successful).
     solver_steps, solver_residual: convex solver statistics; ``max_steps`` is its cap.
     trim_steps: trimming iterations of the winning start.
-    start: 0 if the benign set grew from the convex solution, 1 from the consensus search.
+    start: where the winning benign set grew from: 0 the convex solution, 1 the consensus
+      search, 2 the complement of the consensus (see ``START_NAMES``).
   """
 
   contaminated: jax.Array
   scores: jax.Array
   threshold: jax.Array
+  residual_scores: jax.Array
+  structure_scores: jax.Array
+  thresholds: jax.Array
   subspace: jax.Array
   refined: jax.Array
   low_rank: jax.Array
@@ -125,10 +142,11 @@ class ClairResult(NamedTuple):
         f"CLAIR: {len(flagged)} of {self.contaminated.shape[0]} clients flagged: "
         f"{flagged.tolist()}",
         f"  rank {self.subspace.shape[1]}, noise level {float(self.noise_level):.3g}, "
-        f"threshold {float(self.threshold):.3g} (score units)",
+        f"thresholds {np.round(np.asarray(self.thresholds), 3).tolist()} "
+        f"(residual, structure)",
         f"  convex solver: {self.status_name} after {int(self.solver_steps)} steps "
         f"(residual {float(self.solver_residual):.2e}); trimming steps {int(self.trim_steps)}, "
-        f"start {'consensus' if int(self.start) == START_CONSENSUS else 'convex'}",
+        f"start {START_NAMES[int(self.start)]}",
     ])
 
 
@@ -195,6 +213,9 @@ def clair(updates, rank: int | None = None, *, client_weights=None, **options) -
     >>> clair_jax.clair(updates, rank=2).contaminated.tolist()  # doctest: +ELLIPSIS
     [True, True, True, False, ...]
   """
+  from clair_jax._src import factored  # pylint: disable=g-import-not-at-top (cycle)
+  if isinstance(updates, factored.FactoredUpdates):
+    return factored.clair_factored(updates, rank, client_weights=client_weights, **options)
   updates = validate.check_updates(updates)
   opts = _options(options)
   if opts.side == "right":
@@ -245,20 +266,32 @@ def _normalise(updates: jax.Array):
   return x, x / data_scale, active, data_scale
 
 
-def _robust_split(x_n, active, rank, opts: ClairOptions, fixed_scale=None):
-  trim = functools.partial(
-      detect.concentrate, x_n, active, rank=rank, max_steps=opts.max_trim_steps,
-      threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,
-      scale_floor=opts.scale_floor, fixed_scale=fixed_scale)
+def _num_candidates(x_n, opts: ClairOptions) -> int:
   num_clients = x_n.shape[0]
-  num_candidates = opts.num_candidates or min(num_clients, 64)
-  num_candidates = max(1, min(num_candidates, num_clients))
-  return trim(detect.consensus_start(x_n, active, rank, num_candidates))
+  return max(1, min(opts.num_candidates or min(num_clients, 64), num_clients))
 
 
-def clair_core(updates, client_weights, rank: int, opts: ClairOptions) -> ClairResult:
-  """The traced body of :func:`clair` (no validation; ``rank`` and ``opts`` static)."""
+def _robust_split(x_n, active, rank, opts: ClairOptions):
+  """Consensus start + trimming (residual test only); used to pick the rank."""
+  return detect.concentrate(
+      x_n, active, detect.consensus_start(x_n, active, rank, _num_candidates(x_n, opts)), rank,
+      max_steps=opts.max_trim_steps, threshold_ratio=opts.threshold_ratio,
+      mad_multiplier=opts.mad_multiplier, scale_floor=opts.scale_floor)
+
+
+def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
+               weight_shape: tuple[int, int] | None = None) -> ClairResult:
+  """The traced body of :func:`clair` (no validation; ``rank`` and ``opts`` static).
+
+  ``weight_shape`` is the ``(m, n)`` used in the noise degrees of freedom ``(m - r) n``
+  and in the nuclear weight ``sigma (sqrt(m) + sqrt(K n))``; default ``updates.shape[1:]``.
+  The factored path (:mod:`clair_jax._src.factored`) runs this body on exactly reduced
+  ``(K, p, q)`` blocks and passes the dense ``(m, n)``, so the convex program, the noise
+  level and every threshold are those of the dense problem.
+  """
   num_clients, m, n = updates.shape
+  if weight_shape is not None:
+    m, n = weight_shape
   x, x_n, active, data_scale = _normalise(updates)
   dtype = x.dtype
   dof = jnp.asarray(max(m - rank, 1) * n, dtype)
@@ -266,9 +299,21 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions) -> ClairR
   if opts.noise_level is not None:
     fixed_scale = opts.noise_level * jnp.sqrt(dof) / data_scale
 
-  # Robust start: its benign median residual calibrates the convex program's weights.
-  consensus_split = _robust_split(x_n, active, rank, opts, fixed_scale)
-  scale = jnp.maximum(consensus_split.scale, opts.convex_floor)
+  # Robust starts: the consensus, and its complement (the clients the consensus subspace
+  # explains worst), which finds a benign majority whose signal is weaker than a coherent
+  # group's. The better split's benign median residual calibrates the convex weights.
+  own_tail = detect.own_tail_energy(x_n, rank)
+  trim = functools.partial(
+      detect.concentrate, x_n, active, rank=rank, max_steps=opts.max_trim_steps,
+      threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,
+      scale_floor=opts.scale_floor, fixed_scale=fixed_scale, own_tail=own_tail)
+  h = detect.majority_size(active)
+  consensus_split = trim(detect.consensus_start(x_n, active, rank, _num_candidates(x_n, opts)))
+  unexplained = detect.unexplained_fraction(x_n, consensus_split.subspace)
+  complement_split = trim(detect.smallest_mask(-unexplained, active, h))
+  take_complement = ~detect.better_split(consensus_split, complement_split)
+  robust_split = detect.select_split(consensus_split, complement_split)
+  scale = jnp.maximum(robust_split.scale, opts.convex_floor)
   sigma = scale / jnp.sqrt(dof)
   num_active = jnp.sum(active).astype(dtype)
   lam_low_rank = (sigma * (jnp.sqrt(m * 1.0) + jnp.sqrt(num_active * n))
@@ -283,16 +328,11 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions) -> ClairR
   # Convex verdict, then trimming from it; keep the start that explains a majority best.
   sparse_norms = safe_norm(decomposition.sparse, axis=(1, 2))
   convex_benign = active & (sparse_norms == 0)
-  h = detect.majority_size(active)
   convex_start = jnp.where(jnp.sum(convex_benign) >= h, convex_benign,
                            detect.smallest_mask(sparse_norms, active, h))
-  convex_split = detect.concentrate(
-      x_n, active, convex_start, rank, max_steps=opts.max_trim_steps,
-      threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,
-      scale_floor=opts.scale_floor, fixed_scale=fixed_scale)
-  use_consensus = opts.consensus & (consensus_split.objective < convex_split.objective)
-  split = jax.tree.map(lambda a, b: jnp.where(use_consensus, a, b), consensus_split,
-                       convex_split)
+  convex_split = trim(convex_start)
+  use_robust = opts.consensus & ~detect.better_split(convex_split, robust_split)
+  split = detect.select_split(robust_split, convex_split) if opts.consensus else convex_split
 
   benign = split.benign & active
   contaminated = ~benign
@@ -306,7 +346,10 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions) -> ClairR
   return ClairResult(
       contaminated=contaminated,
       scores=split.scores,
-      threshold=split.threshold,
+      threshold=jnp.asarray(1.0, dtype),
+      residual_scores=split.residual_scores,
+      structure_scores=split.structure_scores,
+      thresholds=split.thresholds,
       subspace=split.subspace,
       refined=refined,
       low_rank=(decomposition.low_rank * data_scale).astype(updates.dtype),
@@ -320,7 +363,8 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions) -> ClairR
       solver_residual=decomposition.residual,
       max_steps=jnp.asarray(opts.max_steps, jnp.int32),
       trim_steps=split.num_steps,
-      start=jnp.where(use_consensus, START_CONSENSUS, START_CONVEX).astype(jnp.int32),
+      start=jnp.where(use_robust, jnp.where(take_complement, START_COMPLEMENT, START_CONSENSUS),
+                      START_CONVEX).astype(jnp.int32),
   )
 
 
