@@ -52,9 +52,15 @@ def test_report_contents(tiny_run):
   run = report["runs"][0]
   modules = run["module_scores"]["modules"]
   assert len(modules) == 7 and len(run["module_scores"]["scores"]) == 7
-  # The update attacker (huge random adapters) is flagged by the joint verdict.
-  kinds = run["per_client"]["kinds"]
-  assert run["per_client"]["flagged"][kinds.index("scaled_random")]
+  # The reported verdict is the joint rule applied to the reported module scores, and the
+  # detection metrics are those of that verdict against the ground truth.
+  scores = np.array([[np.inf if s is None else s for s in row]
+                     for row in run["module_scores"]["scores"]])
+  verdict = fed_lib.joint_verdict(scores, np.array(run["module_scores"]["thresholds"]))
+  np.testing.assert_array_equal(verdict.contaminated, run["per_client"]["flagged"])
+  expected = eval_lib.detection_metrics(verdict.contaminated,
+                                        np.array(run["per_client"]["benign"]))
+  assert run["detection"] == expected
   for png in ("accuracy.png", "scores.png", "curves.png"):
     assert (out / png).stat().st_size > 1000
 
