@@ -25,6 +25,11 @@ from clair_jax._src.subspace import project_onto_subspace
 from clair_jax._src.subspace import stack_clients
 from clair_jax._src.subspace import unstack_clients
 
+# Public submodules (they depend on the core above, never the reverse).
+from clair_jax import baselines
+from clair_jax import metrics
+from clair_jax import synthetic
+
 __version__ = "0.1.0"
 
 __all__ = (
@@ -52,4 +57,7 @@ __all__ = (
     "project_onto_subspace",
     "stack_clients",
     "unstack_clients",
+    "baselines",
+    "metrics",
+    "synthetic",
 )
