@@ -61,6 +61,9 @@ def test_report_contents(tiny_run):
   expected = eval_lib.detection_metrics(verdict.contaminated,
                                         np.array(run["per_client"]["benign"]))
   assert run["detection"] == expected
+  # The update attacker (huge random adapters) is flagged.
+  kinds = run["per_client"]["kinds"]
+  assert run["per_client"]["flagged"][kinds.index("scaled_random")]
   for png in ("accuracy.png", "scores.png", "curves.png"):
     assert (out / png).stat().st_size > 1000
 
