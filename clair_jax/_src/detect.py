@@ -116,8 +116,13 @@ def consensus_start(
   candidate_ids = jnp.round(jnp.linspace(0, num_clients - 1, num_candidates)).astype(jnp.int32)
   offsets = jnp.arange(group)
   members = (candidate_ids[:, None] + offsets[None, :]) % num_clients  # (C, group)
-  proposals = jnp.transpose(updates[members], (0, 2, 1, 3)).reshape(num_candidates, m, group * n)
-  left, _, _ = jnp.linalg.svd(proposals, full_matrices=False)
+  if group == 1 and num_candidates == num_clients:
+    # Every client proposes: no gather, so clients sharded on axis 0 stay where they are.
+    left, _, _ = jnp.linalg.svd(updates, full_matrices=False)
+  else:
+    proposals = jnp.transpose(updates[members], (0, 2, 1, 3)).reshape(
+        num_candidates, m, group * n)
+    left, _, _ = jnp.linalg.svd(proposals, full_matrices=False)
   subspaces = left[:, :, :rank]                                          # (C, m, r)
   h = majority_size(active)
   fractions = jax.vmap(lambda u: unexplained_fraction(updates, u))(subspaces)  # (C, K)

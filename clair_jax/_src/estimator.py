@@ -197,6 +197,13 @@ def clair(updates, rank: int | None = None, *, client_weights=None, **options) -
     client_weights: optional ``(K,)`` nonnegative ``w_k`` in the group penalty.
     **options: any field of :class:`ClairOptions`.
 
+  Sharding: ``updates`` sharded on the client axis (``NamedSharding(mesh, P("clients"))``)
+  is solved in place: every client-wise step runs where the client lives, the ``m x m``
+  Gram sums (and ``(K,)`` score vectors) are the only cross-device traffic, and the
+  per-client outputs come back sharded the same way. ``svt_method="auto"`` becomes
+  ``"gram"`` there (its SVD fallback would gather the stacked matrix).
+  A :class:`clair_jax.FactoredUpdates` is solved by :func:`clair_jax.clair_factored`.
+
   Returns:
     :class:`ClairResult`.
 
@@ -218,6 +225,9 @@ def clair(updates, rank: int | None = None, *, client_weights=None, **options) -
     return factored.clair_factored(updates, rank, client_weights=client_weights, **options)
   updates = validate.check_updates(updates)
   opts = _options(options)
+  if opts.svt_method == "auto" and is_sharded(updates):
+    # The SVD fallback stacks (gathers) the clients; keep sharded clients in place.
+    opts = opts._replace(svt_method="gram")
   if opts.side == "right":
     updates = jnp.swapaxes(updates, 1, 2)
   traced = validate.is_traced(updates)
@@ -246,6 +256,14 @@ def clair(updates, rank: int | None = None, *, client_weights=None, **options) -
     result = result._replace(refined=swap(result.refined), low_rank=swap(result.low_rank),
                              sparse=swap(result.sparse))
   return result
+
+
+def is_sharded(x) -> bool:
+  """Whether ``x`` is a concrete array split over more than one device."""
+  sharding = getattr(x, "sharding", None)
+  if validate.is_traced(x) or sharding is None:
+    return False
+  return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "opts"))
@@ -286,8 +304,8 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   ``weight_shape`` is the ``(m, n)`` used in the noise degrees of freedom ``(m - r) n``
   and in the nuclear weight ``sigma (sqrt(m) + sqrt(K n))``; default ``updates.shape[1:]``.
   The factored path (:mod:`clair_jax._src.factored`) runs this body on exactly reduced
-  ``(K, p, q)`` blocks and passes the dense ``(m, n)``, so the convex program, the noise
-  level and every threshold are those of the dense problem.
+  ``(K, p, q)`` blocks; with ``dense_weights=True`` it passes the dense ``(m, n)``, so the
+  convex weights and the noise level are those of the dense problem.
   """
   num_clients, m, n = updates.shape
   if weight_shape is not None:

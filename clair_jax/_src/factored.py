@@ -36,8 +36,13 @@ every direction and the solver needs hundreds of ``p x p`` eigen-decompositions.
   same set (it does on every test problem); ``low_rank``/``sparse``/``lam_low_rank``
   differ because ``lambda_L`` does.
 * ``dense_weights=True``: ``clair_core(..., weight_shape=(m, n))`` uses the dense
-  ``(m, n)``, so the factored solve *is* the dense solve (same convex weights, iterates,
-  ``noise_level``), only cheaper per iteration.
+  ``(m, n)`` for the convex weights and ``noise_level``, so the convex program (weights,
+  iterates, ``low_rank``/``sparse``) is the dense one, only cheaper per iteration.
+
+The per-client noise estimate of the detection's structure test (a client's spectral
+tail over ``(m - r)(n - r)``) is always taken in the reduced ``(p, q')`` coordinates: a
+factored client's spectrum has only ``q'`` nonzero values, so the reduced count is the
+meaningful one (scores are benign-normalised, so the constant cancels in them).
 """
 
 from __future__ import annotations
