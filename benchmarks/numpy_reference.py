@@ -1,0 +1,257 @@
+"""Plain NumPy/SciPy implementation of the SAME CLAIR algorithm as ``clair_jax.clair``.
+
+A line-by-line port of the core (``estimator.clair_core``, ``detect``, ``solver``) with
+the same normalisation, consensus and complement starts, trimming (C-steps), structure
+test, split selection, FISTA with continuation and adaptive restart, SVT by Gram ``eigh``
+with the SVD fallback, and the same thresholds. Used by the benchmarks to time JAX
+against NumPy on the same work and to check both give the same detection and subspace.
+Eager, float32 like the JAX default; LAPACK through ``scipy.linalg``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import scipy.linalg
+
+MAD_TO_STD = 1.4826
+
+
+def masked_median(values, mask):
+  count = int(mask.sum())
+  if count == 0:
+    return values.dtype.type(0.0)
+  ordered = np.sort(np.where(mask, values, np.inf))
+  return 0.5 * (ordered[max((count - 1) // 2, 0)] + ordered[max(count // 2, 0)])
+
+
+def smallest_sum(values, mask, count):
+  ordered = np.sort(np.where(mask, values, np.inf))
+  return np.sum(np.where(np.arange(values.shape[0]) < count, ordered, 0.0))
+
+
+def smallest_mask(values, mask, count):
+  ranks = np.argsort(np.argsort(np.where(mask, values, np.inf), kind="stable"), kind="stable")
+  return mask & (ranks < count)
+
+
+def gram(blocks):
+  return np.einsum("kmn,kpn->mp", blocks, blocks)
+
+
+def fit_subspace(updates, mask, rank):
+  updates = np.where(mask[:, None, None], updates, 0)
+  _, vectors = scipy.linalg.eigh(gram(updates))
+  return vectors[:, ::-1][:, :rank]
+
+
+def residual_norms(updates, subspace):
+  coefficients = np.einsum("mr,kmn->krn", subspace, updates)
+  projected = np.einsum("mr,krn->kmn", subspace, coefficients)
+  return np.sqrt(np.sum((updates - projected) ** 2, (1, 2)))
+
+
+def unexplained_fraction(updates, subspace):
+  energy = np.sum(updates**2, (1, 2))
+  explained = np.sum(np.einsum("mr,kmn->krn", subspace, updates) ** 2, (1, 2))
+  return np.where(energy > 0, 1.0 - explained / np.where(energy > 0, energy, 1.0), 0.0)
+
+
+def consensus_start(updates, active, rank, num_candidates):
+  num_clients, m, n = updates.shape
+  group = math.ceil(rank / n)
+  ids = np.round(np.linspace(0, num_clients - 1, num_candidates)).astype(int)
+  members = (ids[:, None] + np.arange(group)[None, :]) % num_clients
+  proposals = np.transpose(updates[members], (0, 2, 1, 3)).reshape(num_candidates, m, group * n)
+  h = int(active.sum()) // 2 + 1
+  fractions, costs = [], []
+  for c in range(num_candidates):
+    left = scipy.linalg.svd(proposals[c], full_matrices=False)[0][:, :rank]
+    fractions.append(unexplained_fraction(updates, left))
+    costs.append(smallest_sum(fractions[-1], active, h) if active[members[c]].all() else np.inf)
+  return smallest_mask(fractions[int(np.argmin(costs))], active, h)
+
+
+def own_tail_energy(updates, rank):
+  _, m, n = updates.shape
+  if min(m, n) <= rank:
+    return None
+  small = (np.einsum("kmn,kmp->knp", updates, updates) if n <= m
+           else np.einsum("kmn,kpn->kmp", updates, updates))
+  eigenvalues = np.linalg.eigvalsh(small)
+  return np.maximum(np.sum(eigenvalues[:, : min(m, n) - rank], axis=1), 0.0)
+
+
+def count_unsupported(updates, benign, subspace, own_tail, floor):
+  if own_tail is None:
+    return 0
+  _, m, n = updates.shape
+  rank = subspace.shape[1]
+  noise_variance = np.maximum(own_tail / ((m - rank) * (n - rank)), floor**2 / (m * n))
+  dof = rank * n
+  energy = np.sum(np.einsum("mr,kmn->krn", subspace, updates) ** 2, axis=(1, 2))
+  supported = energy > noise_variance * (dof + 4.0 * np.sqrt(2.0 * dof))
+  return int(np.sum(benign & ~supported))
+
+
+def robust_threshold(scores, benign, ratio, mad_multiplier):
+  logs = np.log(np.maximum(scores, np.finfo(scores.dtype).tiny))
+  centre = masked_median(logs, benign)
+  spread = MAD_TO_STD * masked_median(np.abs(logs - centre), benign)
+  return max(ratio, float(np.exp(centre + mad_multiplier * spread)))
+
+
+class Split(NamedTuple):
+  benign: np.ndarray
+  subspace: np.ndarray
+  scores: np.ndarray
+  scale: float
+  unsupported: int
+  objective: float
+  num_steps: int
+
+
+def score_split(updates, active, benign, rank, opts, own_tail):
+  subspace = fit_subspace(updates, benign, rank)
+  residuals = residual_norms(updates, subspace)
+  scale = max(masked_median(residuals, benign), opts["scale_floor"])
+  residual_scores = np.where(active, residuals / scale, np.inf)
+  scores = residual_scores / robust_threshold(residual_scores, benign, opts["threshold_ratio"],
+                                              opts["mad_multiplier"])
+  if own_tail is not None:
+    n = updates.shape[2]
+    expected = np.maximum(np.sqrt(own_tail * n / (n - rank)), opts["scale_floor"])
+    structure = residuals / expected
+    structure = structure / max(masked_median(structure, benign), 1.0)
+    structure = np.where(active, structure, np.inf)
+    scores = np.maximum(scores, structure / robust_threshold(
+        structure, benign, opts["threshold_ratio"], opts["mad_multiplier"]))
+  h = int(active.sum()) // 2 + 1
+  new_benign = active & (scores <= 1.0)
+  if new_benign.sum() < h:
+    new_benign = smallest_mask(scores, active, h)
+  objective = smallest_sum(unexplained_fraction(updates, subspace), active, h)
+  unsupported = count_unsupported(updates, new_benign, subspace, own_tail, opts["scale_floor"])
+  return Split(new_benign, subspace, scores, scale, unsupported, objective, 0)
+
+
+def concentrate(updates, active, start, rank, opts, own_tail):
+  split, previous, step = score_split(updates, active, start, rank, opts, own_tail), start, 1
+  while step < opts["max_trim_steps"] and np.any(previous != split.benign):
+    previous = split.benign
+    split = score_split(updates, active, split.benign, rank, opts, own_tail)
+    step += 1
+  return split._replace(num_steps=step)
+
+
+def better_split(first, second):
+  return (first.unsupported < second.unsupported) or (
+      first.unsupported == second.unsupported and first.objective <= second.objective)
+
+
+def svt_blocks(blocks, threshold):
+  """SVT of ``[X_1..X_K]`` by Gram ``eigh``; SVD of the stack when the Gram is inaccurate."""
+  num_clients, m, n = blocks.shape
+  if m <= num_clients * n:
+    eigenvalues, vectors = scipy.linalg.eigh(gram(blocks))
+    s = np.sqrt(np.maximum(eigenvalues, 0.0))
+    keep = s > threshold
+    accurate = (threshold >= s[-1] * np.sqrt(np.finfo(blocks.dtype).eps)) or not keep.any()
+    if accurate:
+      factor = np.where(keep, 1.0 - threshold / np.where(keep, s, 1.0), 0.0)
+      return np.einsum("mp,kpn->kmn", (vectors * factor) @ vectors.T, blocks)
+  stacked = np.transpose(blocks, (1, 0, 2)).reshape(m, num_clients * n)
+  u, s, vt = scipy.linalg.svd(stacked, full_matrices=False)
+  out = (u * np.maximum(s - threshold, 0.0)) @ vt
+  return np.transpose(out.reshape(m, num_clients, n), (1, 0, 2))
+
+
+def group_shrink(blocks, thresholds):
+  norms = np.sqrt(np.sum(blocks**2, (1, 2)))
+  keep = norms > thresholds
+  return np.where(keep, 1.0 - thresholds / np.where(keep, norms, 1.0), 0.0)[:, None, None] * blocks
+
+
+def solve_decomposition(blocks, lam_low_rank, lam_sparse, opts):
+  """FISTA on (L, S), step 1/2, continuation ``c <- max(eta c, 1)`` and adaptive restart."""
+  dtype = blocks.dtype
+  norms = np.sqrt(np.sum(blocks**2, (1, 2)))
+  spectral = np.sqrt(scipy.linalg.eigvalsh(gram(blocks))[-1])
+  tiny = np.finfo(dtype).tiny
+  c = max(0.99 * min(spectral / max(lam_low_rank, tiny),
+                     np.max(norms / np.maximum(lam_sparse, tiny))), 1.0)
+  low, sparse = np.zeros_like(blocks), np.zeros_like(blocks)
+  prev_low, prev_sparse = low, sparse
+  t, step, residual = 1.0, 0, np.inf
+  scale = max(np.sqrt(np.sum(blocks**2)), tiny)
+  while step < opts["max_steps"] and not (residual < opts["tol"] and c <= 1.0):
+    t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
+    beta = (t - 1.0) / t_next
+    y_low = low + beta * (low - prev_low)
+    y_sparse = sparse + beta * (sparse - prev_sparse)
+    half_gradient = 0.5 * (y_low + y_sparse - blocks)
+    new_low = svt_blocks(y_low - half_gradient, 0.5 * c * lam_low_rank).astype(dtype)
+    new_sparse = group_shrink(y_sparse - half_gradient, 0.5 * c * lam_sparse).astype(dtype)
+    residual = np.sqrt(np.sum((new_low - low) ** 2) + np.sum((new_sparse - sparse) ** 2)) / scale
+    against = (np.vdot(y_low - new_low, new_low - low)
+               + np.vdot(y_sparse - new_sparse, new_sparse - sparse)) > 0
+    prev_low, prev_sparse, low, sparse = low, sparse, new_low, new_sparse
+    t = 1.0 if against else t_next
+    c = max(c * opts["continuation_factor"], 1.0)
+    step += 1
+    if not np.isfinite(residual):
+      break
+  return low, sparse, step
+
+
+DEFAULTS = dict(threshold_ratio=1.5, mad_multiplier=3.0, scale_floor=1e-4, convex_floor=1e-2,
+                max_trim_steps=30, tol=1e-4, max_steps=500, continuation_factor=0.7,
+                num_candidates=None)
+
+
+class ReferenceResult(NamedTuple):
+  contaminated: np.ndarray
+  subspace: np.ndarray
+  refined: np.ndarray
+  solver_steps: int
+
+
+def clair_numpy(updates, rank, **options) -> ReferenceResult:
+  """NumPy CLAIR, same steps as ``clair_jax.clair(updates, rank)`` with default options."""
+  opts = dict(DEFAULTS, **options)
+  updates = np.asarray(updates)
+  num_clients, m, n = updates.shape
+  x = updates.astype(np.float32)
+  active = np.all(np.isfinite(x), axis=(1, 2))
+  x = np.where(active[:, None, None], x, 0.0).astype(np.float32)
+  norms = np.sqrt(np.sum(x**2, (1, 2)))
+  data_scale = masked_median(norms, active)
+  data_scale = data_scale if data_scale > 0 else (norms.max() if norms.max() > 0 else 1.0)
+  x_n = (x / data_scale).astype(np.float32)
+  dof = max(m - rank, 1) * n
+  own_tail = own_tail_energy(x_n, rank)
+  h = int(active.sum()) // 2 + 1
+  candidates = max(1, min(opts["num_candidates"] or min(num_clients, 64), num_clients))
+  consensus = concentrate(x_n, active, consensus_start(x_n, active, rank, candidates), rank,
+                          opts, own_tail)
+  unexplained = unexplained_fraction(x_n, consensus.subspace)
+  complement = concentrate(x_n, active, smallest_mask(-unexplained, active, h), rank, opts,
+                           own_tail)
+  robust = consensus if better_split(consensus, complement) else complement
+  scale = max(robust.scale, opts["convex_floor"])
+  sigma = scale / np.sqrt(dof)
+  lam_low_rank = sigma * (np.sqrt(m) + np.sqrt(active.sum() * n))
+  lam_sparse = opts["threshold_ratio"] * scale * active.astype(np.float32)
+  _, sparse, steps = solve_decomposition(x_n, lam_low_rank, lam_sparse, opts)
+  sparse_norms = np.sqrt(np.sum(sparse**2, (1, 2)))
+  convex_benign = active & (sparse_norms == 0)
+  start = convex_benign if convex_benign.sum() >= h else smallest_mask(sparse_norms, active, h)
+  convex = concentrate(x_n, active, start, rank, opts, own_tail)
+  split = robust if better_split(robust, convex) else convex   # ties -> robust, as in JAX
+  contaminated = ~(split.benign & active)
+  u = split.subspace
+  projected = np.einsum("mr,krn->kmn", u, np.einsum("mr,kmn->krn", u, x))
+  refined = np.where(contaminated[:, None, None], updates, projected)
+  return ReferenceResult(contaminated, u, refined, steps)
