@@ -181,3 +181,18 @@ def test_large_coherent_group_when_benign_signal_is_below_noise():
   oracle_basis = clair_jax.fit_subspace(problem.updates, ~problem.contaminated, 4)
   assert sin_theta(result.subspace, problem.basis) <= 1.01 * sin_theta(oracle_basis,
                                                                         problem.basis)
+
+
+def test_clients_whose_own_update_has_rank_at_most_r():
+  """LoRA adapters of rank <= r have no spectral tail: the structure test abstains."""
+  rng = np.random.default_rng(0)
+  num_clients, m, n, rank = 20, 48, 32, 2
+  basis = np.linalg.qr(rng.normal(size=(m, rank)))[0]
+  updates = np.stack([(basis + 0.05 * rng.normal(size=(m, rank))) @ rng.normal(size=(rank, n))
+                      for _ in range(num_clients)])
+  other = np.linalg.qr(rng.normal(size=(m, rank)))[0]
+  bad = np.arange(num_clients) < 5
+  updates[bad] = np.einsum("mr,krn->kmn", other, rng.normal(size=(5, rank, n)))
+  result = clair_jax.clair(updates.astype(np.float32), rank)
+  np.testing.assert_array_equal(result.contaminated, bad)
+  np.testing.assert_array_equal(result.structure_scores, 0.0)

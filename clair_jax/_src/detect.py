@@ -29,6 +29,8 @@ from clair_jax._src.subspace import project_onto_subspace
 
 # Consistency constant turning a median absolute deviation into a Gaussian std.
 MAD_TO_STD = 1.4826
+# Spectral-tail energy below this fraction of a client's energy is round-off, not noise.
+TAIL_FRACTION_FLOOR = 1e-5
 
 
 def masked_quantile(values: jax.Array, mask: jax.Array, quantile: float) -> jax.Array:
@@ -245,11 +247,16 @@ def score_split(
     structure_threshold = jnp.asarray(jnp.inf, residuals.dtype)
   else:
     _, _, n = updates.shape
+    # A client whose own update has rank <= r (a LoRA adapter of rank <= r, noiseless
+    # data) has no spectral tail, so its own noise level is unknown: the structure test
+    # abstains for it (score 0) and it does not enter the test's median and spread.
+    has_tail = own_tail > TAIL_FRACTION_FLOOR * jnp.sum(updates**2, axis=(1, 2))
     expected = jnp.maximum(jnp.sqrt(own_tail * n / (n - rank)), scale_floor)
-    structure = residuals / expected
-    structure = structure / jnp.maximum(masked_median(structure, benign), 1.0)
+    structure = jnp.where(has_tail, residuals / expected, 0.0)
+    reference = benign & has_tail
+    structure = structure / jnp.maximum(masked_median(structure, reference), 1.0)
     structure_scores = jnp.where(active, structure, jnp.inf)
-    structure_threshold = robust_threshold(structure_scores, benign, threshold_ratio,
+    structure_threshold = robust_threshold(structure_scores, reference, threshold_ratio,
                                            mad_multiplier)
     scores = jnp.maximum(scores, structure_scores / structure_threshold)
   h = majority_size(active)
