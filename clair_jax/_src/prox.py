@@ -153,15 +153,21 @@ def prox_nuclear_gram(x: jax.Array, threshold: jax.Array | float) -> jax.Array:
     ``(m, N)`` matrix, equal to :func:`prox_nuclear` up to the precision noted above.
   """
   gram = x @ x.T
-  return _apply_gram_svt(x, gram, jnp.asarray(threshold, x.dtype))
+  vectors, _, factor = gram_svt_factors(gram, jnp.asarray(threshold, x.dtype))
+  return (vectors * factor[None, :]) @ (vectors.T @ x)
 
 
-def _apply_gram_svt(x: jax.Array, gram: jax.Array, threshold: jax.Array) -> jax.Array:
+def gram_svt_factors(gram: jax.Array, threshold: jax.Array):
+  """From ``X X^T = V diag(s^2) V^T``: ``(V, s, max(1 - t/s, 0))``.
+
+  ``SVT_t(X) = V diag(factor) V^T X``; shared by :func:`prox_nuclear_gram` and the
+  solver's block-wise Gram path.
+  """
   eigenvalues, vectors = jnp.linalg.eigh(gram)
   singular_values = jnp.sqrt(jnp.maximum(eigenvalues, 0.0))
   keep = singular_values > threshold
   factor = jnp.where(keep, 1.0 - threshold / jnp.where(keep, singular_values, 1.0), 0.0)
-  return (vectors * factor[None, :]) @ (vectors.T @ x)
+  return vectors, singular_values, factor
 
 
 def gram_is_accurate(singular_values_max: jax.Array, threshold: jax.Array, dtype) -> jax.Array:

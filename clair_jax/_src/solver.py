@@ -89,10 +89,8 @@ def svt_blocks(blocks: jax.Array, threshold: jax.Array, method: str = "auto") ->
     return by_svd(blocks)
 
   gram = jnp.einsum("kmn,kpn->mp", blocks, blocks)
-  eigenvalues, vectors = jnp.linalg.eigh(gram)
-  singular_values = jnp.sqrt(jnp.maximum(eigenvalues, 0.0))
-  keep = singular_values > threshold
-  factor = jnp.where(keep, 1.0 - threshold / jnp.where(keep, singular_values, 1.0), 0.0)
+  vectors, singular_values, factor = prox.gram_svt_factors(gram, threshold)
+  keep = factor > 0
 
   def by_gram(blocks):
     projector = (vectors * factor[None, :]) @ vectors.T
