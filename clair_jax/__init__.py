@@ -19,7 +19,9 @@ from clair_jax._src.solver import STATUS_NAMES
 from clair_jax._src.solver import decomposition_step
 from clair_jax._src.solver import init_decomposition
 from clair_jax._src.solver import solve_decomposition
+from clair_jax._src.solver import from_columns
 from clair_jax._src.solver import svt_blocks
+from clair_jax._src.solver import to_columns
 from clair_jax._src.subspace import fit_subspace
 from clair_jax._src.subspace import project_onto_subspace
 from clair_jax._src.subspace import stack_clients
@@ -53,6 +55,8 @@ __all__ = (
     "safe_norm",
     "solve_decomposition",
     "svt_blocks",
+    "to_columns",
+    "from_columns",
     "fit_subspace",
     "project_onto_subspace",
     "stack_clients",

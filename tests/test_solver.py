@@ -58,16 +58,59 @@ def test_svt_methods_agree(noisy):
 def test_manual_steps_equal_solve(noisy):
   problem, lam_low_rank, lam_sparse = noisy
   blocks = jnp.asarray(problem.updates)
+  columns = clair_jax.to_columns(blocks)
   lam_s = jnp.full((blocks.shape[0],), lam_sparse, blocks.dtype)
-  state = clair_jax.init_decomposition(blocks, jnp.asarray(lam_low_rank, blocks.dtype), lam_s)
+  state = clair_jax.init_decomposition(columns, jnp.asarray(lam_low_rank, blocks.dtype), lam_s,
+                                       solver.basis_width(blocks.shape))
   assert isinstance(state, clair_jax.DecompositionState)
   step = jax.jit(clair_jax.decomposition_step)
   for _ in range(7):
-    state = step(state, blocks, jnp.asarray(lam_low_rank, blocks.dtype), lam_s)
+    state = step(state, columns, jnp.asarray(lam_low_rank, blocks.dtype), lam_s)
   sol = clair_jax.solve_decomposition(blocks, lam_low_rank, lam_sparse, max_steps=7)
   assert int(sol.num_steps) == 7 == int(state.step)
-  np.testing.assert_allclose(sol.low_rank, state.low_rank, atol=1e-5)
-  np.testing.assert_allclose(sol.sparse, state.sparse, atol=1e-5)
+  np.testing.assert_allclose(sol.low_rank, clair_jax.from_columns(state.low_rank), atol=1e-5)
+  np.testing.assert_allclose(sol.sparse, clair_jax.from_columns(state.sparse), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def wide():
+  """m = 128 >= 4 s: the warm-started subspace SVT is what "auto" runs."""
+  problem = make_problem(num_clients=16, m=128, n=16, rank=3, fraction=0.25, noise=0.02,
+                         seed=2)
+  sigma = 0.02
+  return (problem, sigma * (np.sqrt(128) + np.sqrt(16 * 16)),
+          1.5 * sigma * np.sqrt(128 * 16))
+
+
+def test_subspace_svt_matches_exact_and_falls_back_when_saturated(wide):
+  problem, _, _ = wide
+  x = clair_jax.stack_clients(jnp.asarray(problem.updates))
+  exact, _ = solver.svt_warm(x, 0.05, None, "svd")
+  rng = np.random.default_rng(0)
+  cold = jnp.linalg.qr(jnp.asarray(rng.normal(size=(128, 16)), jnp.float32))[0]
+  # Top singular values are well above 0.05 and few: accepted from a cold random start.
+  out, next_basis = jax.jit(solver.svt_warm, static_argnames="method")(
+      x, 0.05, cold, method="subspace")
+  np.testing.assert_allclose(out, exact, atol=1e-4)
+  np.testing.assert_allclose(next_basis.T @ next_basis, np.eye(16), atol=1e-5)
+  # A threshold that keeps more directions than the basis can hold: exact fallback.
+  spectrum = np.linalg.svd(np.asarray(x), compute_uv=False)
+  low = float(spectrum[30])
+  assert np.sum(spectrum > low) > 16
+  out_low, _ = solver.svt_warm(x, low, cold, "subspace")
+  np.testing.assert_allclose(out_low, solver.svt_warm(x, low, None, "svd")[0], atol=1e-4)
+
+
+def test_subspace_solver_matches_svd_solver(wide):
+  problem, lam_low_rank, lam_sparse = wide
+  assert solver.basis_width(problem.updates.shape) > 0   # "auto" takes the subspace path
+  by_svd = clair_jax.solve_decomposition(problem.updates, lam_low_rank, lam_sparse,
+                                         svt_method="svd")
+  auto = clair_jax.solve_decomposition(problem.updates, lam_low_rank, lam_sparse)
+  assert int(auto.status) == int(by_svd.status) == solver.SUCCESSFUL
+  scale = np.linalg.norm(problem.updates)
+  assert np.linalg.norm(auto.low_rank - by_svd.low_rank) < 1e-4 * scale
+  assert np.linalg.norm(auto.sparse - by_svd.sparse) < 1e-4 * scale
 
 
 def test_status_codes(noisy):

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from clair_jax._src.subspace import fit_subspace
+from clair_jax._src.subspace import fit_subspace_and_basis
 from clair_jax._src.subspace import project_onto_subspace
 
 # Consistency constant turning a median absolute deviation into a Gaussian std.
@@ -92,6 +92,7 @@ class Split(NamedTuple):
   unsupported: jax.Array       # benign clients with no significant signal in `subspace`
   objective: jax.Array         # trimmed sum of unexplained fractions (lower is better)
   num_steps: jax.Array         # C-steps taken
+  basis: jax.Array             # (m, s) warm start of the next iterative fit ((m, 0): none)
 
 
 def consensus_start(
@@ -212,6 +213,8 @@ def score_split(
     scale_floor: float,
     fixed_scale: jax.Array | None = None,
     own_tail: jax.Array | None = None,
+    basis: jax.Array | None = None,
+    fit_method: str = "auto",
 ) -> Split:
   r"""Fits ``U`` on ``benign``, scores every client with two tests, returns the split.
 
@@ -230,9 +233,12 @@ def score_split(
   and the reported score is :math:`\max(a_k / \tau_a, b_k / \tau_b)`: a client is benign
   when it is at most 1. At least a majority ``h`` of active clients is kept (the ``h``
   lowest scores), since a contaminated majority is not identifiable. ``fixed_scale``
-  replaces the benign median residual (a known noise level).
+  replaces the benign median residual (a known noise level). ``basis`` warm-starts an
+  iterative fit (:func:`clair_jax._src.subspace.fit_subspace_and_basis`, ``fit_method``).
   """
-  subspace = fit_subspace(updates, benign, rank)
+  subspace, next_basis = fit_subspace_and_basis(updates, benign, rank, fit_method, basis)
+  if next_basis is None:
+    next_basis = jnp.zeros((updates.shape[1], 0), updates.dtype)
   residuals = residual_norms(updates, subspace)
   if fixed_scale is None:
     scale = jnp.maximum(masked_median(residuals, benign), scale_floor)
@@ -266,7 +272,7 @@ def score_split(
   unsupported = count_unsupported(updates, new_benign, subspace, own_tail, scale_floor)
   return Split(new_benign, subspace, scores, residual_scores, structure_scores,
                jnp.stack([residual_threshold, structure_threshold]), scale, unsupported,
-               objective, jnp.asarray(0, jnp.int32))
+               objective, jnp.asarray(0, jnp.int32), next_basis)
 
 
 def concentrate(
@@ -281,17 +287,20 @@ def concentrate(
     scale_floor: float,
     fixed_scale: jax.Array | None = None,
     own_tail: jax.Array | None = None,
+    fit_method: str = "auto",
 ) -> Split:
   """C-steps from ``start`` until the benign set stops changing (or ``max_steps``).
 
   Returns the split scored on the final benign set, so ``scores``, ``thresholds`` and
-  ``subspace`` are consistent with each other.
+  ``subspace`` are consistent with each other. Each fit is warm-started from the previous
+  one when ``fit_method`` is ``"auto"`` (iterative for large ``m``) or ``"iterative"``.
   """
-  score = lambda benign: score_split(
+  score = lambda benign, basis: score_split(
       updates, active, benign, rank, threshold_ratio=threshold_ratio,
       mad_multiplier=mad_multiplier, scale_floor=scale_floor, fixed_scale=fixed_scale,
-      own_tail=own_tail)
-  first = score(start)
+      own_tail=own_tail, basis=basis if basis is not None and basis.shape[1] else None,
+      fit_method=fit_method)
+  first = score(start, None)
   state = (jnp.asarray(1, jnp.int32), start, first)
 
   def cond(state):
@@ -300,7 +309,7 @@ def concentrate(
 
   def body(state):
     step, _, split = state
-    return step + 1, split.benign, score(split.benign)
+    return step + 1, split.benign, score(split.benign, split.basis)
 
   steps, _, split = jax.lax.while_loop(cond, body, state)
   return split._replace(num_steps=steps)

@@ -200,8 +200,8 @@ def clair(updates, rank: int | None = None, *, client_weights=None, **options) -
   Sharding: ``updates`` sharded on the client axis (``NamedSharding(mesh, P("clients"))``)
   is solved in place: every client-wise step runs where the client lives, the ``m x m``
   Gram sums (and ``(K,)`` score vectors) are the only cross-device traffic, and the
-  per-client outputs come back sharded the same way. ``svt_method="auto"`` becomes
-  ``"gram"`` there (its SVD fallback would gather the stacked matrix).
+  per-client outputs come back sharded the same way. With ``svt_method="auto"`` the SVT's
+  exact fallback is the Gram there (the SVD would gather the stacked matrix).
   A :class:`clair_jax.FactoredUpdates` is solved by :func:`clair_jax.clair_factored`.
 
   Returns:
@@ -225,9 +225,8 @@ def clair(updates, rank: int | None = None, *, client_weights=None, **options) -
     return factored.clair_factored(updates, rank, client_weights=client_weights, **options)
   updates = validate.check_updates(updates)
   opts = _options(options)
-  if opts.svt_method == "auto" and is_sharded(updates):
-    # The SVD fallback stacks (gathers) the clients; keep sharded clients in place.
-    opts = opts._replace(svt_method="gram")
+  # The SVD fallback stacks (gathers) the clients; keep sharded clients in place.
+  gather = not is_sharded(updates)
   if opts.side == "right":
     updates = jnp.swapaxes(updates, 1, 2)
   traced = validate.is_traced(updates)
@@ -250,7 +249,7 @@ def clair(updates, rank: int | None = None, *, client_weights=None, **options) -
   if client_weights.shape != (num_clients,):
     raise ValueError(f"client_weights must have shape (K,) = ({num_clients},); "
                      f"got {client_weights.shape}.")
-  result = _clair_jit(updates, client_weights, rank, opts)
+  result = _clair_jit(updates, client_weights, rank, opts, gather)
   if opts.side == "right":
     swap = lambda x: jnp.swapaxes(x, 1, 2)
     result = result._replace(refined=swap(result.refined), low_rank=swap(result.low_rank),
@@ -266,9 +265,10 @@ def is_sharded(x) -> bool:
   return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "opts"))
-def _clair_jit(updates, client_weights, rank: int, opts: ClairOptions) -> ClairResult:
-  return clair_core(updates, client_weights, rank, opts)
+@functools.partial(jax.jit, static_argnames=("rank", "opts", "gather"))
+def _clair_jit(updates, client_weights, rank: int, opts: ClairOptions,
+               gather: bool = True) -> ClairResult:
+  return clair_core(updates, client_weights, rank, opts, gather=gather)
 
 
 def _normalise(updates: jax.Array):
@@ -298,14 +298,16 @@ def _robust_split(x_n, active, rank, opts: ClairOptions):
 
 
 def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
-               weight_shape: tuple[int, int] | None = None) -> ClairResult:
+               weight_shape: tuple[int, int] | None = None, *,
+               gather: bool = True) -> ClairResult:
   """The traced body of :func:`clair` (no validation; ``rank`` and ``opts`` static).
 
   ``weight_shape`` is the ``(m, n)`` used in the noise degrees of freedom ``(m - r) n``
   and in the nuclear weight ``sigma (sqrt(m) + sqrt(K n))``; default ``updates.shape[1:]``.
   The factored path (:mod:`clair_jax._src.factored`) runs this body on exactly reduced
   ``(K, p, q)`` blocks; with ``dense_weights=True`` it passes the dense ``(m, n)``, so the
-  convex weights and the noise level are those of the dense problem.
+  convex weights and the noise level are those of the dense problem. ``gather=False``
+  (sharded clients) keeps the SVT off its SVD fallback, which would stack the clients.
   """
   num_clients, m, n = updates.shape
   if weight_shape is not None:
@@ -341,7 +343,8 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   weights = jnp.where(active, client_weights.astype(dtype), 0.0)
   decomposition = solver.solve_decomposition(
       x_n, lam_low_rank, lam_sparse * weights, tol=opts.tol, max_steps=opts.max_steps,
-      continuation_factor=opts.continuation_factor, svt_method=opts.svt_method)
+      continuation_factor=opts.continuation_factor, svt_method=opts.svt_method,
+      gather=gather)
 
   # Convex verdict, then trimming from it; keep the start that explains a majority best.
   sparse_norms = safe_norm(decomposition.sparse, axis=(1, 2))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from clair_jax._src import prox
+from clair_jax._src import subspace
 from clair_jax._src.subspace import stack_clients
 from clair_jax._src.subspace import unstack_clients
 
@@ -40,11 +41,16 @@ STATUS_NAMES = {
     NO_FINITE_CLIENTS: "no_finite_clients",
 }
 
-SVT_METHODS = ("auto", "svd", "gram")
+SVT_METHODS = ("auto", "subspace", "gram", "svd")
+# Warm-started SVT: Ritz residual tolerance (relative to s_1^2) and power steps per call.
+SVT_TOL = 1e-5
+SVT_MAX_ITERS = 8
 
 
 class DecompositionState(NamedTuple):
-  """FISTA state. ``low_rank`` and ``sparse`` are ``(K, m, n)`` client blocks."""
+  """FISTA state. ``low_rank`` and ``sparse`` are in the *column layout* ``(m, K, n)``:
+  ``x.reshape(m, K * n)`` is the stacked matrix ``[X_1, ..., X_K]`` with no copy, so every
+  product of the step is one plain GEMM (see :func:`to_columns`)."""
 
   step: jax.Array             # iterations taken
   low_rank: jax.Array         # L^t
@@ -54,6 +60,7 @@ class DecompositionState(NamedTuple):
   momentum: jax.Array         # FISTA t_k
   continuation: jax.Array     # penalty multiplier c_t >= 1
   residual: jax.Array         # relative fixed-point residual of the last step
+  basis: jax.Array            # (m, s) warm start of the subspace SVT ((m, 0) when unused)
 
 
 class DecompositionSolution(NamedTuple):
@@ -67,62 +74,168 @@ class DecompositionSolution(NamedTuple):
   residual: jax.Array   # relative fixed-point residual at exit
 
 
+def to_columns(blocks: jax.Array) -> jax.Array:
+  """Client blocks ``(K, m, n)`` -> column layout ``(m, K, n)`` (one transpose)."""
+  return jnp.transpose(blocks, (1, 0, 2))
+
+
+def from_columns(columns: jax.Array) -> jax.Array:
+  """Column layout ``(m, K, n)`` -> client blocks ``(K, m, n)``."""
+  return jnp.transpose(columns, (1, 0, 2))
+
+
 def svt_blocks(blocks: jax.Array, threshold: jax.Array, method: str = "auto") -> jax.Array:
   """SVT of the stacked matrix ``[X_1, ..., X_K]``, taking and returning ``(K, m, n)`` blocks.
 
-  ``method="gram"`` builds ``sum_k X_k X_k^T`` block by block (no stacking; with clients
-  sharded on axis 0 the sum is the only cross-device reduction). ``"auto"`` uses the Gram
-  path when the stacked matrix is wide (``m <= K*n``) and falls back to the SVD when the
-  threshold is too small for the Gram spectrum to be accurate
-  (:func:`clair_jax._src.prox.gram_is_accurate`).
+  ``method="gram"`` eigen-decomposes ``sum_k X_k X_k^T`` (with clients sharded, the sum is
+  the only cross-device reduction). ``"auto"`` uses the Gram when the stacked matrix is
+  wide (``m <= K*n``) and falls back to the SVD when the threshold is too small for the
+  Gram spectrum to be accurate (:func:`clair_jax._src.prox.gram_is_accurate`).
+  ``"subspace"`` needs the solver's warm start (see :func:`svt_warm`); here it is
+  ``"auto"``.
   """
-  num_clients, m, n = blocks.shape
   if method not in SVT_METHODS:
     raise ValueError(f"svt_method must be one of {SVT_METHODS}, got {method!r}")
-  if method == "auto":
-    method = "gram_checked" if m <= num_clients * n else "svd"
+  out, _ = svt_warm(stack_clients(blocks), threshold, None, method)
+  return unstack_clients(out, blocks.shape[0])
 
-  def by_svd(blocks):
-    return unstack_clients(prox.prox_nuclear(stack_clients(blocks), threshold), num_clients)
+
+def _full_svt(x, threshold, method, gather, width):
+  """Exact SVT of ``x`` (``m x N``, or ``(m, K, n)`` columns; Gram ``eigh`` or SVD) and
+  its top-``width`` left singular vectors."""
+  m = x.shape[0]
+  if method in ("auto", "subspace"):
+    # Sharded clients (gather=False): the Gram is a sum over clients; the SVD would stack.
+    method = ("gram_checked" if m <= x.size // m else "svd") if gather else "gram"
+
+  def by_svd(x):
+    left, singular_values, right_t = jnp.linalg.svd(x.reshape(m, -1), full_matrices=False)
+    shrunk = jnp.maximum(singular_values - threshold, 0.0)
+    return ((left * shrunk[None, :]) @ right_t).reshape(x.shape), left[:, :width]
 
   if method == "svd":
-    return by_svd(blocks)
+    return by_svd(x)
+  vectors, singular_values, factor = prox.gram_svt_factors(subspace.gram_of(x), threshold)
 
-  gram = jnp.einsum("kmn,kpn->mp", blocks, blocks)
-  vectors, singular_values, factor = prox.gram_svt_factors(gram, threshold)
-  keep = factor > 0
-
-  def by_gram(blocks):
+  def by_gram(x):
     projector = (vectors * factor[None, :]) @ vectors.T
-    return jnp.einsum("mp,kpn->kmn", projector, blocks)
+    return jnp.tensordot(projector, x, axes=(1, 0)), vectors[:, ::-1][:, :width]
 
   if method == "gram":
-    return by_gram(blocks)
-  accurate = prox.gram_is_accurate(singular_values[-1], threshold, blocks.dtype)
+    return by_gram(x)
+  accurate = prox.gram_is_accurate(singular_values[-1], threshold, x.dtype)
   # Only kept singular values need accuracy; if none is kept the Gram answer (0) is exact.
-  accurate = accurate | ~jnp.any(keep)
-  return jax.lax.cond(accurate, by_gram, by_svd, blocks)
+  accurate = accurate | ~jnp.any(factor > 0)
+  return jax.lax.cond(accurate, by_gram, by_svd, x)
+
+
+def svt_warm(
+    x: jax.Array,
+    threshold: jax.Array,
+    basis: jax.Array | None,
+    method: str = "auto",
+    *,
+    gather: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+  """SVT of ``x`` (``m x N``, or ``(m, K, n)`` columns) from a warm-started subspace.
+
+  With an ``(m, s)`` orthonormal ``basis`` (the previous FISTA step's), ``"auto"`` and
+  ``"subspace"`` run :func:`clair_jax._src.subspace.subspace_iteration` and use the Ritz
+  pairs: ``SVT_t(X) = V diag((1 - t/s_i)_+) V^T X``, three thin GEMMs instead of the Gram
+  GEMM, an ``m x m`` ``eigh`` and the apply GEMM. The result is accepted when
+
+  * at most ``s - max(2, s/4)`` Ritz values exceed ``t`` (a saturated basis could miss a
+    kept direction), and
+  * every kept Ritz pair has residual ``||G v - s^2 v|| <= 1e-5 s_1^2`` (within 8 power
+    steps) and the threshold passes :func:`clair_jax._src.prox.gram_is_accurate`;
+
+  otherwise the exact SVT is taken (Gram ``eigh``, or the SVD where the Gram is not
+  accurate and ``gather`` allows stacking the clients). ``basis=None`` or ``s = 0``
+  means exact SVT with ``method`` (``"auto"``: Gram when wide, else SVD).
+
+  Returns:
+    ``(SVT_t(x) (shaped like x), next basis (m, s))``.
+  """
+  width = 0 if basis is None else basis.shape[1]
+  if method not in ("auto", "subspace") or width == 0:
+    return _full_svt(x, threshold, method, gather, width)
+  guard = max(2, width // 4)
+
+  def saturated(pairs):
+    return jnp.sum(pairs.singular_values > threshold) > width - guard
+
+  def converged(pairs):
+    kept = pairs.singular_values > threshold
+    small = jnp.all(jnp.where(kept, pairs.residuals, 0.0) <= SVT_TOL)
+    accurate = prox.gram_is_accurate(pairs.singular_values[0], threshold, x.dtype)
+    return small & (accurate | ~jnp.any(kept))
+
+  pairs = subspace.subspace_iteration(
+      x, basis, lambda p: saturated(p) | converged(p), SVT_MAX_ITERS)
+
+  def from_pairs(x):
+    s = pairs.singular_values
+    keep = s > threshold
+    factor = jnp.where(keep, 1.0 - threshold / jnp.where(keep, s, 1.0), 0.0)
+    return (jnp.tensordot(pairs.vectors * factor[None, :], pairs.coefficients, axes=(1, 0)),
+            pairs.next_basis)
+
+  accept = converged(pairs) & ~saturated(pairs)
+  return jax.lax.cond(accept, from_pairs,
+                      lambda x: _full_svt(x, threshold, method, gather, width), x)
+
+
+def basis_width(shape: tuple[int, int, int], method: str = "auto",
+              width: int | None = None) -> int:
+  """Columns ``s`` of the warm-started SVT basis; 0 means exact SVT every step.
+
+  ``"subspace"`` uses ``width`` (default ``min(32, m, K n)``); ``"auto"`` does the same
+  when the thin products win, i.e. ``m >= 4 s``, and is exact SVT otherwise.
+  """
+  num_clients, m, n = shape
+  if method not in ("auto", "subspace"):
+    return 0
+  width = min(width or DEFAULT_SVT_WIDTH, m, num_clients * n)
+  if method == "auto" and m < 4 * width:
+    return 0
+  return width
+
+
+DEFAULT_SVT_WIDTH = 32
 
 
 def init_decomposition(
-    blocks: jax.Array,
+    columns: jax.Array,
     lam_low_rank: jax.Array,
     lam_sparse: jax.Array,
+    width: int = 0,
 ) -> DecompositionState:
   """Initial state at ``L = S = 0`` with the continuation multiplier at which 0 is optimal.
 
   ``(0, 0)`` is optimal for penalties ``c * lam`` once ``c * lam_L >= ||M||_2`` and
   ``c * lam_S w_k >= ||M_k||_F`` for all ``k``; we start just below the smaller of these.
+  With ``width > 0`` (see :func:`basis_width`) the spectral norm comes from a few power
+  steps, which also warm the ``(m, width)`` SVT basis; a slight underestimate only starts
+  the continuation a little lower. ``columns`` is ``M`` in the column layout ``(m, K, n)``
+  (:func:`to_columns`).
   """
-  dtype = blocks.dtype
-  block_norms = prox.safe_norm(blocks, axis=(1, 2))
-  spectral = jnp.sqrt(jnp.linalg.eigvalsh(jnp.einsum("kmn,kpn->mp", blocks, blocks))[-1])
+  dtype = columns.dtype
+  m = columns.shape[0]
+  block_norms = prox.safe_norm(columns, axis=(0, 2))
+  if width:
+    pairs = subspace.subspace_iteration(
+        columns, subspace.start_basis(m, width, dtype),
+        lambda p: p.residuals[0] <= 1e-3, SVT_MAX_ITERS)
+    spectral, basis = pairs.singular_values[0], pairs.next_basis
+  else:
+    spectral = jnp.sqrt(jnp.linalg.eigvalsh(subspace.gram_of(columns))[-1])
+    basis = jnp.zeros((m, 0), dtype)
   tiny = jnp.finfo(dtype).tiny
   start = jnp.minimum(
       spectral / jnp.maximum(lam_low_rank, tiny),
       jnp.max(block_norms / jnp.maximum(lam_sparse, tiny)),
   )
-  zeros = jnp.zeros_like(blocks)
+  zeros = jnp.zeros_like(columns)
   return DecompositionState(
       step=jnp.asarray(0, jnp.int32),
       low_rank=zeros,
@@ -132,17 +245,19 @@ def init_decomposition(
       momentum=jnp.asarray(1.0, dtype),
       continuation=jnp.maximum(0.99 * start, 1.0).astype(dtype),
       residual=jnp.asarray(jnp.inf, dtype),
+      basis=basis,
   )
 
 
 def decomposition_step(
     state: DecompositionState,
-    blocks: jax.Array,
+    columns: jax.Array,
     lam_low_rank: jax.Array,
     lam_sparse: jax.Array,
     *,
     continuation_factor: float = 0.7,
     svt_method: str = "auto",
+    gather: bool = True,
 ) -> DecompositionState:
   """One FISTA step on ``(L, S)`` with step size 1/2, then one continuation update.
 
@@ -152,23 +267,29 @@ def decomposition_step(
     L^{t+1} = \\operatorname{SVT}_{c \\lambda_L / 2}(Y_L - G/2),\\quad
     S^{t+1}_k = \\operatorname{prox}_{c \\lambda_S w_k / 2 \\|\\cdot\\|_F}(Y_{S,k} - G_k/2)
 
-  ``lam_sparse`` is a ``(K,)`` array of per-client weights ``lam_S * w_k``.
+  ``columns`` is ``M`` in the column layout ``(m, K, n)`` (:func:`to_columns`), like the
+  state. ``lam_sparse`` is a ``(K,)`` array of per-client weights ``lam_S * w_k``. The
+  SVT is warm-started from ``state.basis`` when it has columns (:func:`svt_warm`);
+  ``gather=False`` keeps sharded clients in place (no SVD fallback).
   """
   momentum_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * state.momentum**2))
   beta = (state.momentum - 1.0) / momentum_next
   y_low_rank = state.low_rank + beta * (state.low_rank - state.prev_low_rank)
   y_sparse = state.sparse + beta * (state.sparse - state.prev_sparse)
-  half_gradient = 0.5 * (y_low_rank + y_sparse - blocks)
+  half_gradient = 0.5 * (y_low_rank + y_sparse - columns)
   c = state.continuation
-  low_rank = svt_blocks(y_low_rank - half_gradient, 0.5 * c * lam_low_rank, svt_method)
-  sparse = prox.prox_group_lasso_blocks(y_sparse - half_gradient, 0.5 * c * lam_sparse)
+  low_rank, basis = svt_warm(y_low_rank - half_gradient, 0.5 * c * lam_low_rank,
+                             state.basis, svt_method, gather=gather)
+  sparse = jax.vmap(prox.prox_group_lasso, in_axes=(1, 0), out_axes=1)(
+      y_sparse - half_gradient, 0.5 * c * lam_sparse)
   change = jnp.sqrt(jnp.sum((low_rank - state.low_rank) ** 2)
                     + jnp.sum((sparse - state.sparse) ** 2))
-  scale = jnp.maximum(prox.safe_norm(blocks), jnp.finfo(blocks.dtype).tiny)
+  scale = jnp.maximum(prox.safe_norm(columns), jnp.finfo(columns.dtype).tiny)
   # Gradient-based adaptive restart (O'Donoghue & Candes 2015): drop the momentum when
   # the step goes against the extrapolation; removes FISTA's oscillations.
-  against = (jnp.vdot(y_low_rank - low_rank, low_rank - state.low_rank)
-             + jnp.vdot(y_sparse - sparse, sparse - state.sparse)) > 0
+  # (sum of products, not vdot: flattening the column layout would gather sharded clients)
+  against = (jnp.sum((y_low_rank - low_rank) * (low_rank - state.low_rank))
+             + jnp.sum((y_sparse - sparse) * (sparse - state.sparse))) > 0
   return DecompositionState(
       step=state.step + 1,
       low_rank=low_rank,
@@ -178,11 +299,13 @@ def decomposition_step(
       momentum=jnp.where(against, 1.0, momentum_next).astype(state.momentum.dtype),
       continuation=jnp.maximum(c * continuation_factor, 1.0),
       residual=change / scale,
+      basis=basis,
   )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("max_steps", "continuation_factor", "svt_method")
+    jax.jit, static_argnames=("max_steps", "continuation_factor", "svt_method", "svt_width",
+                              "gather")
 )
 def solve_decomposition(
     blocks: jax.Array,
@@ -193,6 +316,8 @@ def solve_decomposition(
     max_steps: int = 500,
     continuation_factor: float = 0.7,
     svt_method: str = "auto",
+    svt_width: int | None = None,
+    gather: bool = True,
 ) -> DecompositionSolution:
   """Runs :func:`decomposition_step` until the residual is below ``tol`` at ``c = 1``.
 
@@ -203,7 +328,14 @@ def solve_decomposition(
     tol: stop when ``||X^{t+1} - X^t||_F / ||M||_F < tol`` after continuation ends.
     max_steps: iteration cap.
     continuation_factor: ``eta`` in ``c_{t+1} = max(eta c_t, 1)``.
-    svt_method: ``"auto"``, ``"svd"`` or ``"gram"`` (see :func:`svt_blocks`).
+    svt_method: ``"auto"``, ``"subspace"``, ``"gram"`` or ``"svd"``: how the SVT is
+      computed (see :func:`svt_warm`; ``"auto"`` warm-starts a subspace iteration
+      when ``m >= 4 s``, else uses the Gram when wide, else the SVD).
+    svt_width: columns ``s`` of the warm-started basis (default 32, capped by ``m`` and
+      ``K n``); it must exceed the rank of ``L`` by a margin, else steps fall back to the
+      exact SVT (correct, slower).
+    gather: whether the exact SVT may stack (gather) the clients; ``False`` for sharded
+      clients (Gram path only).
 
   Returns:
     :class:`DecompositionSolution`; ``status`` is ``SUCCESSFUL``, ``MAX_STEPS_REACHED`` or
@@ -212,7 +344,9 @@ def solve_decomposition(
   dtype = blocks.dtype
   lam_low_rank = jnp.asarray(lam_low_rank, dtype)
   lam_sparse = jnp.broadcast_to(jnp.asarray(lam_sparse, dtype), blocks.shape[:1])
-  state = init_decomposition(blocks, lam_low_rank, lam_sparse)
+  width = basis_width(blocks.shape, svt_method, svt_width)
+  columns = to_columns(blocks)
+  state = init_decomposition(columns, lam_low_rank, lam_sparse, width)
 
   def finite(state):
     return jnp.isfinite(state.residual) | (state.step == 0)
@@ -223,8 +357,8 @@ def solve_decomposition(
 
   def body(state):
     return decomposition_step(
-        state, blocks, lam_low_rank, lam_sparse,
-        continuation_factor=continuation_factor, svt_method=svt_method,
+        state, columns, lam_low_rank, lam_sparse,
+        continuation_factor=continuation_factor, svt_method=svt_method, gather=gather,
     )
 
   state = jax.lax.while_loop(cond, body, state)
@@ -233,8 +367,8 @@ def solve_decomposition(
       ~finite(state), NONFINITE, jnp.where(converged, SUCCESSFUL, MAX_STEPS_REACHED)
   ).astype(jnp.int32)
   return DecompositionSolution(
-      low_rank=state.low_rank,
-      sparse=state.sparse,
+      low_rank=from_columns(state.low_rank),
+      sparse=from_columns(state.sparse),
       status=status,
       num_steps=state.step,
       max_steps=max_steps,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -18,8 +20,119 @@ def unstack_clients(stacked: jax.Array, num_clients: int) -> jax.Array:
   return jnp.transpose(stacked.reshape(m, num_clients, width // num_clients), (1, 0, 2))
 
 
+class RitzPairs(NamedTuple):
+  """Ritz approximation of the top singular triplets of ``X`` (``m x N``) on a basis.
+
+  ``vectors[:, i]`` approximates the ``i``-th left singular vector of ``X`` and
+  ``singular_values[i]`` its singular value (descending).
+  """
+
+  vectors: jax.Array          # (m, s) orthonormal Ritz vectors V
+  singular_values: jax.Array  # (s,) sqrt of the Ritz values of X X^T, descending
+  coefficients: jax.Array     # (s, N) V^T X
+  residuals: jax.Array        # (s,) ||X X^T v_i - theta_i v_i|| / theta_1
+  next_basis: jax.Array       # (m, s) orth(X X^T V): one more power step, the next warm start
+  num_iters: jax.Array        # int32, power steps taken
+
+
+def rayleigh_ritz(stacked: jax.Array, basis: jax.Array) -> RitzPairs:
+  r"""Ritz pairs of ``G = X X^T`` on ``range(basis)`` without forming ``G``.
+
+  .. math::
+    B = Q^\top X,\quad Q^\top G Q = B B^\top = W \Theta W^\top,
+    \quad V = Q W,\quad r_i = \|G v_i - \theta_i v_i\| / \theta_1
+
+  Two thin GEMMs against ``X`` (``Q^T X`` and ``G Q = X B^T``) and an ``s x s`` ``eigh``:
+  ``O(m N s)`` instead of the Gram's ``O(m^2 N)``. For client blocks, ``X`` is the stacked
+  ``[X_1, ..., X_K]`` (:func:`stack_clients`) and the ``(m, s)`` and ``(s, s)`` products
+  are sums over clients: with clients sharded, the only cross-device traffic.
+  """
+  coefficients = jnp.tensordot(basis, stacked, axes=(0, 0))            # (s, ...)
+  theta, rotation = jnp.linalg.eigh(gram_of(coefficients))
+  theta, rotation = jnp.maximum(theta[::-1], 0.0), rotation[:, ::-1]
+  vectors = basis @ rotation
+  gram_vectors = cross_of(stacked, coefficients) @ rotation
+  scale = jnp.maximum(theta[0], jnp.finfo(theta.dtype).tiny)
+  residuals = jnp.linalg.norm(gram_vectors - vectors * theta[None, :], axis=0) / scale
+  return RitzPairs(vectors, jnp.sqrt(theta), jnp.tensordot(rotation, coefficients, (0, 0)),
+                   residuals, jnp.linalg.qr(gram_vectors)[0], jnp.asarray(1, jnp.int32))
+
+
+def cross_of(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``X Y^T`` for ``(m, ...)`` and ``(p, ...)`` arrays, contracting all trailing axes.
+
+  On the column layout ``(m, K, n)`` the trailing axes are contiguous, so this is one GEMM
+  without a transpose, and with clients sharded on ``K`` a partial sum plus an
+  all-reduce (a reshape to ``(m, K n)`` would gather).
+  """
+  axes = tuple(range(1, x.ndim))
+  return jnp.tensordot(x, y, axes=(axes, axes))
+
+
+def gram_of(x: jax.Array) -> jax.Array:
+  """``X X^T`` for an ``(m, ...)`` array (see :func:`cross_of`)."""
+  return cross_of(x, x)
+
+
+def subspace_iteration(
+    stacked: jax.Array,
+    basis: jax.Array,
+    converged: Callable[[RitzPairs], jax.Array],
+    max_iters: int,
+) -> RitzPairs:
+  """Warm-started block power iteration with Rayleigh-Ritz, until ``converged(pairs)``.
+
+  ``Q_{t+1} = orth(X X^T Q_t)`` (Rutishauser's subspace iteration; the top-``j`` Ritz pairs
+  converge like ``(s_{s+1} / s_j)^{2t}``). From a basis close to the answer (the previous
+  iterate of a solver, the previous benign set of the trimming loop) one or two steps
+  suffice. Stops after ``max_iters`` Rayleigh-Ritz evaluations; the caller checks
+  ``converged`` on the result and falls back to a full eigen-decomposition if needed.
+
+  Args:
+    stacked: ``(m, N)`` matrix ``X``, or ``(m, K, n)`` client blocks in the column
+      layout (trailing axes are contracted together).
+    basis: ``(m, s)`` orthonormal start.
+    converged: predicate on :class:`RitzPairs` (traced).
+    max_iters: cap on power steps (static).
+
+  Returns:
+    :class:`RitzPairs` of the last step.
+  """
+  pairs = rayleigh_ritz(stacked, basis)
+
+  def cond(pairs):
+    return (pairs.num_iters < max_iters) & ~converged(pairs)
+
+  def body(pairs):
+    return rayleigh_ritz(stacked, pairs.next_basis)._replace(num_iters=pairs.num_iters + 1)
+
+  return jax.lax.while_loop(cond, body, pairs)
+
+
+def start_basis(m: int, width: int, dtype) -> jax.Array:
+  """A fixed (seeded) random orthonormal ``(m, width)`` start for :func:`subspace_iteration`."""
+  return jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (m, width), dtype))[0]
+
+
+# Iterative top-r fits: Ritz residual tolerance (relative to the top eigenvalue) and the
+# number of extra columns that speed convergence (rate s_{r+p+1}^2 / s_r^2 per step).
+FIT_TOL = 1e-5
+FIT_MAX_ITERS = 40
+
+
+def fit_width(m: int, width: int, rank: int) -> int:
+  """Basis width ``s`` for an iterative top-``rank`` fit: ``rank + max(rank, 8)`` capped."""
+  return min(m, width, rank + max(rank, 8))
+
+
+def use_iterative(m: int, width: int, rank: int) -> bool:
+  """Whether the iterative fit beats a full ``m x m`` ``eigh`` (``m >= 8 s``)."""
+  return m >= 8 * fit_width(m, width, rank)
+
+
 def fit_subspace(
-    updates: jax.Array, mask: jax.Array | None, rank: int, method: str = "gram"
+    updates: jax.Array, mask: jax.Array | None, rank: int, method: str = "auto",
+    basis: jax.Array | None = None,
 ) -> jax.Array:
   r"""Top-``rank`` left singular vectors of the stacked updates of the clients in ``mask``.
 
@@ -31,30 +144,69 @@ def fit_subspace(
   Clients outside ``mask`` are zeroed, which leaves the left singular vectors of the
   others unchanged, so the shapes stay static under ``jit``.
 
-  ``method="gram"`` (default) eigen-decomposes the ``m x m`` Gram, a sum over clients
+  ``method="gram"`` eigen-decomposes the ``m x m`` Gram, a sum over clients
   (one all-reduce when clients are sharded); its subspace error is about
   ``eps * s_1^2 / (s_r^2 - s_{r+1}^2)``, ~1e-6 in float32 for well-conditioned signals.
   ``method="svd"`` takes the SVD of the stacked ``m x K n`` matrix: error
   ``eps * s_1 / (s_r - s_{r+1})``, slower, and gathers sharded clients.
+  ``method="iterative"`` runs :func:`subspace_iteration` (never forms the Gram; warm
+  start ``basis``, default a seeded random one) until the top-``rank`` Ritz residuals are
+  below ``1e-5`` of ``s_1^2``, falling back to ``"gram"`` if they are not within 40 steps.
+  ``method="auto"`` (default) is ``"iterative"`` when a warm ``basis`` is given or ``m`` is
+  at least 8 times the basis width, else ``"gram"``.
+  See :func:`fit_subspace_and_basis` for the warm start of the next call.
 
   Args:
     updates: ``(K, m, n)`` client updates.
     mask: ``(K,)`` bool, clients to fit on; ``None`` means all.
     rank: number of columns ``r`` of the subspace, ``1 <= r <= min(m, K*n)``.
-    method: ``"gram"`` or ``"svd"``.
+    method: ``"gram"``, ``"svd"``, ``"iterative"`` or ``"auto"``.
+    basis: optional ``(m, s)`` orthonormal warm start for ``"iterative"``, ``s >= rank``.
 
   Returns:
     ``(m, r)`` matrix with orthonormal columns.
   """
+  return fit_subspace_and_basis(updates, mask, rank, method, basis)[0]
+
+
+def fit_subspace_and_basis(
+    updates: jax.Array, mask: jax.Array | None, rank: int, method: str = "auto",
+    basis: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+  """:func:`fit_subspace` plus the warm start for the next iterative fit (``None`` if none)."""
+  num_clients, m, n = updates.shape
+  if method not in FIT_METHODS:
+    raise ValueError(f"method must be one of {FIT_METHODS}; got {method!r}")
   if mask is not None:
     updates = jnp.where(mask[:, None, None], updates, 0)
-  if method == "gram":
+  if method == "auto":
+    iterative = basis is not None or use_iterative(m, num_clients * n, rank)
+    method = "iterative" if iterative else "gram"
+
+  def by_gram(updates):
     _, vectors = jnp.linalg.eigh(jnp.einsum("kmn,kpn->mp", updates, updates))
-    return vectors[:, ::-1][:, :rank]
+    return vectors[:, ::-1]
+
+  if method == "gram":
+    return by_gram(updates)[:, :rank], None
   if method == "svd":
     left, _, _ = jnp.linalg.svd(stack_clients(updates), full_matrices=False)
-    return left[:, :rank]
-  raise ValueError(f"method must be 'gram' or 'svd'; got {method!r}")
+    return left[:, :rank], None
+  if basis is None:
+    basis = start_basis(m, fit_width(m, num_clients * n, rank), updates.dtype)
+  if basis.shape[0] != m or not rank <= basis.shape[1]:
+    raise ValueError(f"basis must be (m, s) = ({m}, s >= {rank}); got {basis.shape}")
+  converged = lambda pairs: jnp.max(pairs.residuals[:rank]) <= FIT_TOL
+  pairs = subspace_iteration(stack_clients(updates), basis, converged, FIT_MAX_ITERS)
+  # Not converged (tiny eigen-gap, or a start orthogonal to the answer): exact fallback.
+  width = basis.shape[1]
+  vectors, next_basis = jax.lax.cond(
+      converged(pairs), lambda _: (pairs.vectors, pairs.next_basis),
+      lambda u: (lambda v: (v, v))(by_gram(u)[:, :width]), updates)
+  return vectors[:, :rank], next_basis
+
+
+FIT_METHODS = ("gram", "svd", "iterative", "auto")
 
 
 def project_onto_subspace(updates: jax.Array, subspace: jax.Array) -> jax.Array:
