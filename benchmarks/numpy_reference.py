@@ -5,7 +5,12 @@ the same normalisation, consensus and complement starts, trimming (C-steps), str
 test, split selection, FISTA with continuation and adaptive restart, SVT by Gram ``eigh``
 with the SVD fallback, and the same thresholds. Used by the benchmarks to time JAX
 against NumPy on the same work and to check both give the same detection and subspace.
-Eager, float32 like the JAX default; LAPACK through ``scipy.linalg``.
+Eager, float32 like the JAX default; LAPACK through ``scipy.linalg``; every ``einsum`` with
+``optimize=True`` so contractions go to BLAS (NumPy's default ``einsum`` loops in C, ~6x
+slower here, which would flatter the JAX/NumPy ratio). The SVT is the exact prox through a
+full ``eigh`` of the Gram (the textbook implementation); ``clair_jax`` computes the same
+prox from a warm-started subspace iteration when it can certify it (see
+``clair_jax._src.solver.svt_warm``) and the full ``eigh`` otherwise.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ def smallest_mask(values, mask, count):
 
 
 def gram(blocks):
-  return np.einsum("kmn,kpn->mp", blocks, blocks)
+  return np.einsum("kmn,kpn->mp", blocks, blocks, optimize=True)
 
 
 def fit_subspace(updates, mask, rank):
@@ -48,14 +53,14 @@ def fit_subspace(updates, mask, rank):
 
 
 def residual_norms(updates, subspace):
-  coefficients = np.einsum("mr,kmn->krn", subspace, updates)
-  projected = np.einsum("mr,krn->kmn", subspace, coefficients)
+  coefficients = np.einsum("mr,kmn->krn", subspace, updates, optimize=True)
+  projected = np.einsum("mr,krn->kmn", subspace, coefficients, optimize=True)
   return np.sqrt(np.sum((updates - projected) ** 2, (1, 2)))
 
 
 def unexplained_fraction(updates, subspace):
   energy = np.sum(updates**2, (1, 2))
-  explained = np.sum(np.einsum("mr,kmn->krn", subspace, updates) ** 2, (1, 2))
+  explained = np.sum(np.einsum("mr,kmn->krn", subspace, updates, optimize=True) ** 2, (1, 2))
   return np.where(energy > 0, 1.0 - explained / np.where(energy > 0, energy, 1.0), 0.0)
 
 
@@ -78,8 +83,8 @@ def own_tail_energy(updates, rank):
   _, m, n = updates.shape
   if min(m, n) <= rank:
     return None
-  small = (np.einsum("kmn,kmp->knp", updates, updates) if n <= m
-           else np.einsum("kmn,kpn->kmp", updates, updates))
+  small = (np.einsum("kmn,kmp->knp", updates, updates, optimize=True) if n <= m
+           else np.einsum("kmn,kpn->kmp", updates, updates, optimize=True))
   eigenvalues = np.linalg.eigvalsh(small)
   return np.maximum(np.sum(eigenvalues[:, : min(m, n) - rank], axis=1), 0.0)
 
@@ -91,7 +96,7 @@ def count_unsupported(updates, benign, subspace, own_tail, floor):
   rank = subspace.shape[1]
   noise_variance = np.maximum(own_tail / ((m - rank) * (n - rank)), floor**2 / (m * n))
   dof = rank * n
-  energy = np.sum(np.einsum("mr,kmn->krn", subspace, updates) ** 2, axis=(1, 2))
+  energy = np.sum(np.einsum("mr,kmn->krn", subspace, updates, optimize=True) ** 2, axis=(1, 2))
   supported = energy > noise_variance * (dof + 4.0 * np.sqrt(2.0 * dof))
   return int(np.sum(benign & ~supported))
 
@@ -161,7 +166,7 @@ def svt_blocks(blocks, threshold):
     accurate = (threshold >= s[-1] * np.sqrt(np.finfo(blocks.dtype).eps)) or not keep.any()
     if accurate:
       factor = np.where(keep, 1.0 - threshold / np.where(keep, s, 1.0), 0.0)
-      return np.einsum("mp,kpn->kmn", (vectors * factor) @ vectors.T, blocks)
+      return np.einsum("mp,kpn->kmn", (vectors * factor) @ vectors.T, blocks, optimize=True)
   stacked = np.transpose(blocks, (1, 0, 2)).reshape(m, num_clients * n)
   u, s, vt = scipy.linalg.svd(stacked, full_matrices=False)
   out = (u * np.maximum(s - threshold, 0.0)) @ vt
@@ -252,6 +257,6 @@ def clair_numpy(updates, rank, **options) -> ReferenceResult:
   split = robust if better_split(robust, convex) else convex   # ties -> robust, as in JAX
   contaminated = ~(split.benign & active)
   u = split.subspace
-  projected = np.einsum("mr,krn->kmn", u, np.einsum("mr,kmn->krn", u, x))
+  projected = np.einsum("mr,krn->kmn", u, np.einsum("mr,kmn->krn", u, x, optimize=True), optimize=True)
   refined = np.where(contaminated[:, None, None], updates, projected)
   return ReferenceResult(contaminated, u, refined, steps)

@@ -196,3 +196,41 @@ def test_clients_whose_own_update_has_rank_at_most_r():
   result = clair_jax.clair(updates.astype(np.float32), rank)
   np.testing.assert_array_equal(result.contaminated, bad)
   np.testing.assert_array_equal(result.structure_scores, 0.0)
+
+
+def test_large_m_takes_the_iterative_paths_and_stays_exact():
+  """m = 128: warm-started subspace SVT in the solver and iterative trimming fits."""
+  from clair_jax._src import solver, subspace
+  problem = make_problem(num_clients=24, m=128, n=8, rank=3, fraction=0.25,
+                         attack="coherent", seed=11)
+  assert solver.basis_width(problem.updates.shape) > 0
+  assert subspace.use_iterative(128, 24 * 8, 3)
+  result = clair_jax.clair(jnp.asarray(problem.updates), 3)
+  exact = clair_jax.clair(jnp.asarray(problem.updates), 3, svt_method="svd")
+  np.testing.assert_array_equal(result.contaminated, problem.contaminated)
+  np.testing.assert_array_equal(result.contaminated, exact.contaminated)
+  basis = np.asarray(result.subspace, np.float64)
+  truth = np.asarray(problem.basis, np.float64)
+  assert np.linalg.norm(basis - truth @ (truth.T @ basis), 2) < 1e-4
+
+
+def test_iterative_fit_matches_gram_and_svd():
+  from clair_jax._src import subspace
+  problem = make_problem(num_clients=24, m=128, n=8, rank=3, fraction=0.25, noise=0.05,
+                         seed=12)
+  x = jnp.asarray(problem.updates)
+  mask = jnp.asarray(~problem.contaminated)
+  projector = lambda u: np.asarray(u, np.float64) @ np.asarray(u, np.float64).T
+  by_svd = projector(clair_jax.fit_subspace(x, mask, 3, "svd"))
+  for method in ("gram", "iterative", "auto"):
+    np.testing.assert_allclose(projector(clair_jax.fit_subspace(x, mask, 3, method)), by_svd,
+                               atol=1e-4)
+  # Warm start: the returned basis starts the next fit, which then needs one step.
+  fitted, basis = subspace.fit_subspace_and_basis(x, mask, 3, "iterative")
+  pairs = subspace.subspace_iteration(clair_jax.to_columns(x * mask[:, None, None]), basis,
+                                      lambda p: jnp.max(p.residuals[:3]) <= subspace.FIT_TOL,
+                                      subspace.FIT_MAX_ITERS)
+  assert int(pairs.num_iters) == 1
+  np.testing.assert_allclose(projector(pairs.vectors[:, :3]), projector(fitted), atol=1e-5)
+  with pytest.raises(ValueError, match="method"):
+    clair_jax.fit_subspace(x, mask, 3, "qr")
