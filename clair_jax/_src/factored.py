@@ -164,19 +164,20 @@ class Reduction(NamedTuple):
   """The exact reduction ``D_k = Q Z_k P_k^T`` (see the module docstring)."""
 
   blocks: jax.Array       # (K, p, q') Z_k, NaN for clients with non-finite factors
-  basis: jax.Array        # (m, p) Q, orthonormal columns
+  basis: jax.Array | None  # (m, p) Q, orthonormal columns; None: the identity (p = m)
   right_bases: jax.Array  # (K, n, q') P_k, orthonormal columns
   active: jax.Array       # (K,) bool, clients whose factors are finite
 
 
-def column_basis(left: jax.Array) -> jax.Array:
+def column_basis(left: jax.Array) -> jax.Array | None:
   """Orthonormal ``Q`` (``m x p``) with ``span(Q) = span(A_1, ..., A_K)`` (or containing it).
 
-  ``p = min(m, K q)``; when ``K q >= m`` the identity is returned (no QR needed).
+  ``p = min(m, K q)``; when ``K q >= m``, ``None`` stands for the identity (no QR, and no
+  ``m x m`` products: at ``m = 4096, K q = 8192`` each would be a 275 GFLOP GEMM).
   """
   num_clients, m, q = left.shape
   if num_clients * q >= m:
-    return jnp.eye(m, dtype=left.dtype)
+    return None
   stacked = jnp.transpose(left, (1, 0, 2)).reshape(m, num_clients * q)
   return jnp.linalg.qr(stacked)[0]
 
@@ -202,7 +203,7 @@ def reduce_factored(factored: FactoredUpdates) -> Reduction:
   right = jnp.where(active[:, None, None], right, 0.0)
   basis = column_basis(left)                                          # (m, p)
   right_bases, triangles = jnp.linalg.qr(jnp.swapaxes(right, 1, 2))  # (K,n,q'), (K,q',q)
-  coefficients = jnp.einsum("mp,kmq->kpq", basis, left)              # Q^T A_k
+  coefficients = left if basis is None else jnp.einsum("mp,kmq->kpq", basis, left)  # Q^T A_k
   blocks = jnp.einsum("kpq,ksq->kps", coefficients, triangles)       # Q^T A_k T_k^T
   blocks = jnp.where(active[:, None, None], blocks, jnp.nan)
   return Reduction(blocks, basis, right_bases, active)
@@ -210,7 +211,8 @@ def reduce_factored(factored: FactoredUpdates) -> Reduction:
 
 def _embed(reduction: Reduction, blocks: jax.Array, data_dtype) -> FactoredUpdates:
   """Reduced ``(K, p, q')`` blocks ``X_k`` -> factored ``(Q X_k) P_k^T``."""
-  left = jnp.einsum("mp,kpq->kmq", reduction.basis, blocks)
+  left = (blocks if reduction.basis is None
+          else jnp.einsum("mp,kpq->kmq", reduction.basis, blocks))
   return FactoredUpdates(left.astype(data_dtype),
                          jnp.swapaxes(reduction.right_bases, 1, 2).astype(data_dtype))
 
@@ -341,7 +343,8 @@ def clair_factored_core(factored: FactoredUpdates, client_weights, rank: int,
   # `refined` of the reduced run is discarded (rebuilt factored below); opts are shared.
   core = estimator.clair_core(reduction.blocks, client_weights, rank, opts,
                               weight_shape=(m, n) if dense_weights else None)
-  subspace = reduction.basis @ core.subspace                        # (m, r)
+  subspace = (core.subspace if reduction.basis is None
+              else reduction.basis @ core.subspace)                 # (m, r)
   if opts.contaminated_output == "project":
     keep_as_sent = ~reduction.active
   else:
