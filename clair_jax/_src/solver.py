@@ -189,13 +189,17 @@ def basis_width(shape: tuple[int, int, int], method: str = "auto",
               width: int | None = None) -> int:
   """Columns ``s`` of the warm-started SVT basis; 0 means exact SVT every step.
 
-  ``"subspace"`` uses ``width`` (default ``min(32, m, K n)``); ``"auto"`` does the same
-  when the thin products win, i.e. ``m >= 4 s``, and is exact SVT otherwise.
+  ``"subspace"`` uses ``width`` (default ``clip(m / 32, 32, 128)``, at most ``m`` and
+  ``K n``): while ``L`` has more than ``3 s / 4`` directions the step falls back to the
+  ``m x m`` ``eigh``, which at ``m = 4096`` costs ~100 times a 128-wide iteration.
+  ``"auto"`` does the same when the thin products win, i.e. ``m >= 4 s``, and is exact
+  SVT otherwise.
   """
   num_clients, m, n = shape
   if method not in ("auto", "subspace"):
     return 0
-  width = min(width or DEFAULT_SVT_WIDTH, m, num_clients * n)
+  width = width or min(max(m // 32, DEFAULT_SVT_WIDTH), 4 * DEFAULT_SVT_WIDTH)
+  width = min(width, m, num_clients * n)
   if method == "auto" and m < 4 * width:
     return 0
   return width
@@ -334,9 +338,9 @@ def solve_decomposition(
     svt_method: ``"auto"``, ``"subspace"``, ``"gram"`` or ``"svd"``: how the SVT is
       computed (see :func:`svt_warm`; ``"auto"`` warm-starts a subspace iteration
       when ``m >= 4 s``, else uses the Gram when wide, else the SVD).
-    svt_width: columns ``s`` of the warm-started basis (default 32, capped by ``m`` and
-      ``K n``); it must exceed the rank of ``L`` by a margin, else steps fall back to the
-      exact SVT (correct, slower).
+    svt_width: columns ``s`` of the warm-started basis (default ``clip(m / 32, 32, 128)``,
+      capped by ``m`` and ``K n``); it must exceed the rank of ``L`` by a margin, else
+      steps fall back to the exact SVT (correct, slower).
     gather: whether the exact SVT may stack (gather) the clients; ``False`` for sharded
       clients (Gram path only).
 
