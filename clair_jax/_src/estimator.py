@@ -323,6 +323,11 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   # explains worst), which finds a benign majority whose signal is weaker than a coherent
   # group's. The better split's benign median residual calibrates the convex weights.
   own_tail = detect.own_tail_energy(x_n, rank)
+  if own_tail is not None:
+    # jaxlib's batched LAPACK kernels (this eigvalsh, the SVDs of consensus_start) split
+    # their batch over the intra-op thread pool and block on it; two running at once on a
+    # 2-thread pool deadlock (observed on the 2-core CI box). The barrier orders them.
+    x_n, own_tail = jax.lax.optimization_barrier((x_n, own_tail))
   trim = functools.partial(
       detect.concentrate, x_n, active, rank=rank, max_steps=opts.max_trim_steps,
       threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,
