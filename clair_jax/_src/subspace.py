@@ -6,6 +6,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def stack_clients(updates: jax.Array) -> jax.Array:
@@ -110,8 +111,14 @@ def subspace_iteration(
 
 
 def start_basis(m: int, width: int, dtype) -> jax.Array:
-  """A fixed (seeded) random orthonormal ``(m, width)`` start for :func:`subspace_iteration`."""
-  return jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(0), (m, width), dtype))[0]
+  """A fixed (seeded) random orthonormal ``(m, width)`` start for :func:`subspace_iteration`.
+
+  Built with NumPy at trace time, so it is a constant of the compiled program: a
+  data-independent LAPACK call inside it could run concurrently with the batched ones,
+  and jaxlib's CPU LAPACK kernels can deadlock a 2-thread pool when they overlap.
+  """
+  gaussian = np.random.default_rng(0).standard_normal((m, width))
+  return jnp.asarray(np.linalg.qr(gaussian)[0], dtype)
 
 
 # Iterative top-r fits: Ritz residual tolerance (relative to the top eigenvalue) and the
