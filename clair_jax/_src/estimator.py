@@ -326,8 +326,10 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   if own_tail is not None:
     # jaxlib's batched LAPACK kernels (this eigvalsh, the SVDs of consensus_start) split
     # their batch over the intra-op thread pool and block on it; two running at once on a
-    # 2-thread pool deadlock (observed on the 2-core CI box). The barrier orders them.
-    x_n, own_tail = jax.lax.optimization_barrier((x_n, own_tail))
+    # 2-thread pool deadlock (observed on this 2-core box). XLA's CPU runtime orders
+    # kernels by the buffers they read, so the SVDs are made to read own_tail (0 * sum is
+    # not folded for floats: it keeps NaN/Inf semantics).
+    x_n = x_n + 0.0 * jnp.sum(own_tail)
   trim = functools.partial(
       detect.concentrate, x_n, active, rank=rank, max_steps=opts.max_trim_steps,
       threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,
