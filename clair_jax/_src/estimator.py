@@ -327,9 +327,9 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
     # jaxlib's batched LAPACK kernels (this eigvalsh, the SVDs of consensus_start) split
     # their batch over the intra-op thread pool and block on it; two running at once on a
     # 2-thread pool deadlock (observed on this 2-core box). XLA's CPU runtime orders
-    # kernels by the buffers they read, so the SVDs are made to read own_tail (0 * sum is
-    # not folded for floats: it keeps NaN/Inf semantics).
-    x_n = x_n + 0.0 * jnp.sum(own_tail)
+    # kernels by the buffers they read, so the SVDs are made to read own_tail (0 * x is
+    # not folded for floats; the min keeps a huge client's inf tail from making NaN).
+    x_n = x_n + 0.0 * jnp.minimum(jnp.sum(own_tail), 1.0)
   trim = functools.partial(
       detect.concentrate, x_n, active, rank=rank, max_steps=opts.max_trim_steps,
       threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,
