@@ -89,3 +89,15 @@ def test_property_no_crash_benign_outputs_finite(shape, log_scale, nan_clients, 
   assert np.isfinite(np.asarray(result.subspace)).all()
   np.testing.assert_allclose(result.subspace.T @ result.subspace, np.eye(rank), atol=1e-3)
   assert np.isfinite(float(result.noise_level))
+
+
+def test_huge_finite_client_is_flagged_without_spoiling_the_others():
+  """A client at 1e30 (finite, but its squared norm overflows float32) is just flagged."""
+  problem = make_problem(num_clients=12, m=24, n=8, rank=2, noise=0.01, seed=3)
+  updates = np.array(problem.updates)
+  updates[0] = 1e30 * np.sign(updates[0] + 1e-12)
+  result = clair_jax.clair(jnp.asarray(updates), 2)
+  assert bool(result.contaminated[0])
+  np.testing.assert_array_equal(result.contaminated[1:], problem.contaminated[1:])
+  assert np.all(np.isfinite(np.asarray(result.refined)[1:]))
+  assert np.all(np.isfinite(np.asarray(result.subspace)))

@@ -192,7 +192,8 @@ def clair(updates, rank: int | None = None, *, client_weights=None, **options) -
 
   Args:
     updates: ``(K, m, n)`` float array (bf16/f16 are computed in f32), ``K >= 3``.
-      A client with any NaN/Inf is flagged and excluded from every fit and statistic.
+      A client with any NaN/Inf (or a squared norm that overflows) is flagged and
+      excluded from every fit and statistic.
     rank: shared-subspace dimension ``1 <= r <= min(m, K n)``, or ``None``.
     client_weights: optional ``(K,)`` nonnegative ``w_k`` in the group penalty.
     **options: any field of :class:`ClairOptions`.
@@ -272,10 +273,14 @@ def _clair_jit(updates, client_weights, rank: int, opts: ClairOptions,
 
 
 def _normalise(updates: jax.Array):
-  """Zeroes non-finite clients and scales by the median finite client norm."""
+  """Zeroes non-finite clients and scales by the median finite client norm.
+
+  A client whose squared norm overflows (entries ~1e19 and up in float32) counts as
+  non-finite too: its energy, residual and Gram terms cannot be represented.
+  """
   dtype = validate.compute_dtype(updates.dtype)
   x = updates.astype(dtype)
-  active = jnp.all(jnp.isfinite(x), axis=(1, 2))
+  active = jnp.all(jnp.isfinite(x), axis=(1, 2)) & jnp.isfinite(jnp.sum(x * x, axis=(1, 2)))
   x = jnp.where(active[:, None, None], x, 0.0)
   norms = safe_norm(x, axis=(1, 2))
   data_scale = detect.masked_median(norms, active)
