@@ -71,7 +71,8 @@ def prox_group_lasso_blocks(blocks: jax.Array, thresholds: jax.Array | float) ->
   return jax.vmap(prox_group_lasso)(blocks, thresholds)
 
 
-def _svt_from_svd(x: jax.Array, threshold: jax.Array):
+def svt_from_svd(x: jax.Array, threshold: jax.Array):
+  """``(SVT_t(x), (U, s, V^T, (s - t)_+))`` from one SVD (no custom derivative)."""
   left, singular_values, right_t = jnp.linalg.svd(x, full_matrices=False)
   shrunk = jnp.maximum(singular_values - threshold, 0.0)
   return (left * shrunk[None, :]) @ right_t, (left, singular_values, right_t, shrunk)
@@ -97,7 +98,7 @@ def prox_nuclear(x: jax.Array, threshold: jax.Array | float) -> jax.Array:
   Returns:
     ``(m, N)`` matrix of rank ``#{i : s_i > t}``.
   """
-  return _svt_from_svd(x, jnp.asarray(threshold, x.dtype))[0]
+  return svt_from_svd(x, jnp.asarray(threshold, x.dtype))[0]
 
 
 @prox_nuclear.defjvp
@@ -105,7 +106,7 @@ def _prox_nuclear_jvp(primals, tangents):
   x, threshold = primals
   dx, dthreshold = tangents
   threshold = jnp.asarray(threshold, x.dtype)
-  out, (left, s, right_t, shrunk) = _svt_from_svd(x, threshold)
+  out, (left, s, right_t, shrunk) = svt_from_svd(x, threshold)
   right = right_t.T
   active = (s > threshold).astype(x.dtype)
   tiny = jnp.finfo(x.dtype).eps * jnp.maximum(s[0], 1.0) * 8
@@ -165,9 +166,14 @@ def gram_svt_factors(gram: jax.Array, threshold: jax.Array):
   """
   eigenvalues, vectors = jnp.linalg.eigh(gram)
   singular_values = jnp.sqrt(jnp.maximum(eigenvalues, 0.0))
+  return vectors, singular_values, shrink_factors(singular_values, threshold)
+
+
+def shrink_factors(singular_values: jax.Array, threshold: jax.Array) -> jax.Array:
+  """``max(1 - t/s, 0)``: SVT as a rescaling of the singular directions (0 where
+  ``s <= t``, no division by zero)."""
   keep = singular_values > threshold
-  factor = jnp.where(keep, 1.0 - threshold / jnp.where(keep, singular_values, 1.0), 0.0)
-  return vectors, singular_values, factor
+  return jnp.where(keep, 1.0 - threshold / jnp.where(keep, singular_values, 1.0), 0.0)
 
 
 def gram_is_accurate(singular_values_max: jax.Array, threshold: jax.Array, dtype) -> jax.Array:

@@ -109,9 +109,8 @@ def _full_svt(x, threshold, method, gather, width):
     method = ("gram_checked" if m <= x.size // m else "svd") if gather else "gram"
 
   def by_svd(x):
-    left, singular_values, right_t = jnp.linalg.svd(x.reshape(m, -1), full_matrices=False)
-    shrunk = jnp.maximum(singular_values - threshold, 0.0)
-    return ((left * shrunk[None, :]) @ right_t).reshape(x.shape), left[:, :width]
+    out, (left, _, _, _) = prox.svt_from_svd(x.reshape(m, -1), threshold)
+    return out.reshape(x.shape), left[:, :width]
 
   if method == "svd":
     return by_svd(x)
@@ -174,9 +173,7 @@ def svt_warm(
       x, basis, lambda p: saturated(p) | converged(p), SVT_MAX_ITERS)
 
   def from_pairs(x):
-    s = pairs.singular_values
-    keep = s > threshold
-    factor = jnp.where(keep, 1.0 - threshold / jnp.where(keep, s, 1.0), 0.0)
+    factor = prox.shrink_factors(pairs.singular_values, threshold)
     return (jnp.tensordot(pairs.vectors * factor[None, :], pairs.coefficients, axes=(1, 0)),
             pairs.next_basis)
 

@@ -125,6 +125,7 @@ def start_basis(m: int, width: int, dtype) -> jax.Array:
 # number of extra columns that speed convergence (rate s_{r+p+1}^2 / s_r^2 per step).
 FIT_TOL = 1e-5
 FIT_MAX_ITERS = 40
+FIT_METHODS = ("gram", "svd", "iterative", "auto")
 
 
 def fit_width(m: int, width: int, rank: int) -> int:
@@ -212,8 +213,6 @@ def fit_subspace_and_basis(
       lambda u: (lambda v: (v, v))(by_gram(u)[:, :width]), updates)
   return vectors[:, :rank], next_basis
 
-
-FIT_METHODS = ("gram", "svd", "iterative", "auto")
 
 
 def project_onto_subspace(updates: jax.Array, subspace: jax.Array) -> jax.Array:
