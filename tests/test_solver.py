@@ -101,6 +101,24 @@ def test_subspace_svt_matches_exact_and_falls_back_when_saturated(wide):
   np.testing.assert_allclose(out_low, solver.svt_warm(x, low, None, "svd")[0], atol=1e-4)
 
 
+def test_accurate_ritz_values_resolve_small_singular_values():
+  # s_i from 1 down to 1e-3: the eigh of B B^T would give s_i only to ~eps / s_i (1e-4
+  # relative at 1e-3 in float32); the SVD of B gives every one to ~eps relative.
+  from clair_jax._src import subspace
+  rng = np.random.default_rng(3)
+  m, big_n, width = 96, 512, 12
+  left = np.linalg.qr(rng.normal(size=(m, m)))[0]
+  right = np.linalg.qr(rng.normal(size=(big_n, m)))[0]
+  spectrum = np.geomspace(1.0, 1e-3, width)
+  x = jnp.asarray((left[:, :width] * spectrum) @ right[:, :width].T, jnp.float32)
+  basis = jnp.asarray(left[:, :width] @ np.linalg.qr(rng.normal(size=(width, width)))[0],
+                      jnp.float32)          # the exact range, in a rotated basis
+  pairs = jax.jit(subspace.rayleigh_ritz, static_argnums=2)(x, basis, True)
+  np.testing.assert_allclose(pairs.singular_values, spectrum, rtol=2e-5)
+  np.testing.assert_allclose(np.abs(np.sum(np.asarray(pairs.vectors) * left[:, :width], 0)),
+                             1.0, atol=1e-4)
+
+
 def test_subspace_solver_matches_svd_solver(wide):
   problem, lam_low_rank, lam_sparse = wide
   assert solver.basis_width(problem.updates.shape) > 0   # "auto" takes the subspace path

@@ -49,8 +49,10 @@ class ClairOptions(NamedTuple):
     num_candidates: clients proposing a subspace in the consensus search (default
       ``min(K, 64)``, evenly spaced).
     max_trim_steps: cap on trimming (C-step) iterations.
-    tol, max_steps, continuation_factor, svt_method: convex solver settings, see
-      :func:`clair_jax.solve_decomposition`.
+    tol, max_steps, continuation_factor, svt_method, svt_width: convex solver settings,
+      see :func:`clair_jax.solve_decomposition` (``svt_width``: columns of the
+      warm-started SVT basis; it must exceed ``4/3`` of the rank of ``L``; default 32
+      below ``m = 512``, else ``min(m / 4, 512)``).
     side: ``"left"`` shares the column space (``m`` side, ``U`` is ``m x r``); ``"right"``
       shares the row space (each update is transposed, ``U`` is ``n x r``).
     contaminated_output: ``"keep"`` returns flagged clients as sent; ``"project"`` projects
@@ -71,6 +73,7 @@ class ClairOptions(NamedTuple):
   max_steps: int = 500
   continuation_factor: float = 0.7
   svt_method: str = "auto"
+  svt_width: int | None = None
   side: str = "left"
   contaminated_output: str = "keep"
 
@@ -163,6 +166,9 @@ def _options(options: dict) -> ClairOptions:
         f"contaminated_output must be 'keep' or 'project'; got {opts.contaminated_output!r}")
   if opts.svt_method not in solver.SVT_METHODS:
     raise ValueError(f"svt_method must be one of {solver.SVT_METHODS}; got {opts.svt_method!r}")
+  if opts.svt_width is not None and not (isinstance(opts.svt_width, int)
+                                         and opts.svt_width >= 1):
+    raise ValueError(f"svt_width must be a positive int or None; got {opts.svt_width!r}")
   if opts.threshold_ratio <= 1.0:
     raise ValueError(f"threshold_ratio must be > 1; got {opts.threshold_ratio}")
   for name in ("lam_low_rank", "lam_sparse", "noise_level"):
@@ -356,7 +362,7 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   decomposition = solver.solve_decomposition(
       x_n, lam_low_rank, lam_sparse * weights, tol=opts.tol, max_steps=opts.max_steps,
       continuation_factor=opts.continuation_factor, svt_method=opts.svt_method,
-      gather=gather)
+      svt_width=opts.svt_width, gather=gather)
 
   # Convex verdict, then trimming from it; keep the start that explains a majority best.
   sparse_norms = safe_norm(decomposition.sparse, axis=(1, 2))

@@ -140,7 +140,10 @@ def svt_warm(
 
   With an ``(m, s)`` orthonormal ``basis`` (the previous FISTA step's), ``"auto"`` and
   ``"subspace"`` run :func:`clair_jax._src.subspace.subspace_iteration` and use the Ritz
-  pairs: ``SVT_t(X) = V diag((1 - t/s_i)_+) V^T X``, three thin GEMMs instead of the Gram
+  pairs: ``SVT_t(X) = V diag((1 - t/s_i)_+) V^T X`` (``V``, ``s_i`` from
+  :func:`clair_jax._src.subspace.accurate_rotation` unless clients are sharded: in
+  float32 the squared spectrum leaves shrink factors near ``t`` off by
+  ``~eps (s_1 / t)^2``, which stalls FISTA), three thin GEMMs instead of the Gram
   GEMM, an ``m x m`` ``eigh`` and the apply GEMM. The result is accepted when
 
   * at most ``s - max(2, s/4)`` Ritz values exceed ``t`` (a saturated basis could miss a
@@ -170,7 +173,7 @@ def svt_warm(
     return small & (accurate | ~jnp.any(kept))
 
   pairs = subspace.subspace_iteration(
-      x, basis, lambda p: saturated(p) | converged(p), SVT_MAX_ITERS)
+      x, basis, lambda p: saturated(p) | converged(p), SVT_MAX_ITERS, accurate=gather)
 
   def from_pairs(x):
     factor = prox.shrink_factors(pairs.singular_values, threshold)
@@ -186,16 +189,22 @@ def basis_width(shape: tuple[int, int, int], method: str = "auto",
               width: int | None = None) -> int:
   """Columns ``s`` of the warm-started SVT basis; 0 means exact SVT every step.
 
-  ``"subspace"`` uses ``width`` (default ``clip(m / 32, 32, 128)``, at most ``m`` and
-  ``K n``): while ``L`` has more than ``3 s / 4`` directions the step falls back to the
-  ``m x m`` ``eigh``, which at ``m = 4096`` costs ~100 times a 128-wide iteration.
+  ``"subspace"`` uses ``width`` (default 32 for ``m < 512``, else ``min(m / 4, 512)``;
+  at most ``m`` and ``K n``): while ``L`` has more than ``3 s / 4`` directions the step
+  falls back to the ``m x m`` Gram ``eigh``, which at ``m = 4096`` costs ~10 times a
+  512-wide iteration and, in float32, is coarse near the threshold (FISTA can then stall
+  just above its tolerance). Many contaminated clients leave ``L`` holding ~9% of ``m``
+  directions at ``c = 1`` (their residuals, shrunk by the group penalty: 88 of 1024 at
+  ``K = 128``, 20% contaminated LoRA clients), which ``m / 4`` covers; below ``m = 512``
+  the 32-column basis is the cheaper one and held ``L`` in every problem we ran.
   ``"auto"`` does the same when the thin products win, i.e. ``m >= 4 s``, and is exact
   SVT otherwise.
   """
   num_clients, m, n = shape
   if method not in ("auto", "subspace"):
     return 0
-  width = width or min(max(m // 32, DEFAULT_SVT_WIDTH), 4 * DEFAULT_SVT_WIDTH)
+  if not width:
+    width = DEFAULT_SVT_WIDTH if m < 512 else min(m // 4, 16 * DEFAULT_SVT_WIDTH)
   width = min(width, m, num_clients * n)
   if method == "auto" and m < 4 * width:
     return 0
@@ -335,8 +344,8 @@ def solve_decomposition(
     svt_method: ``"auto"``, ``"subspace"``, ``"gram"`` or ``"svd"``: how the SVT is
       computed (see :func:`svt_warm`; ``"auto"`` warm-starts a subspace iteration
       when ``m >= 4 s``, else uses the Gram when wide, else the SVD).
-    svt_width: columns ``s`` of the warm-started basis (default ``clip(m / 32, 32, 128)``,
-      capped by ``m`` and ``K n``); it must exceed the rank of ``L`` by a margin, else
+    svt_width: columns ``s`` of the warm-started basis (default 32 below ``m = 512``, else
+      ``min(m / 4, 512)``; capped by ``m`` and ``K n``); it must exceed the rank of ``L`` by a margin, else
       steps fall back to the exact SVT (correct, slower).
     gather: whether the exact SVT may stack (gather) the clients; ``False`` for sharded
       clients (Gram path only).
