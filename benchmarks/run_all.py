@@ -267,7 +267,15 @@ def main(argv=None):
   parser.add_argument("--factored-clients", default="64,512",
                       help="K values of the factored 4096 x 4096 runs")
   parser.add_argument("--factored-timeout", type=float, default=1800.0)
+  parser.add_argument("--render-only", action="store_true",
+                      help="rewrite RESULTS.md from the RESULTS.json of the last run")
   args = parser.parse_args(argv)
+  if args.render_only:
+    out = pathlib.Path(args.out)
+    report = json.loads(out.with_suffix(".json").read_text())
+    out.write_text(render(report, "scaling.png", quick=False))
+    print(out.read_text())
+    return
   quick = args.quick
   repeats = 2 if quick else 5
   info = machine()
@@ -330,8 +338,8 @@ def render(report, png_name, quick):
       "## Dense per-iteration time vs one Gram GEMM (side by side)",
       "",
       "`step_s`: one `decomposition_step` at the solver's steady state (clair's own weights; "
-      "SVT from the warm-started subspace iteration: three thin GEMMs, an s x s eigh, no "
-      "m x m eigh) against one Gram GEMM `X X^T` of the same shape (`ratio`). "
+      "SVT from the warm-started subspace iteration: three thin GEMMs, a thin QR and an "
+      "s x s SVD for float32-accurate Ritz values, no m x m eigh) against one Gram GEMM `X X^T` of the same shape (`ratio`). "
       "`mean_step_s`: a whole solve divided by its steps, including the transient steps "
       "where L briefly has more directions than the basis holds and the SVT falls back to "
       "the full Gram eigh (`mean_ratio`).",
@@ -350,12 +358,14 @@ def render(report, png_name, quick):
       "## Factored m = n = 4096, LoRA rank 16 (fresh subprocess; peak = ru_maxrss)",
       "",
       "K values come from `--factored-clients` (default `64,512`). At K=512 the reduced "
-      "problem is 4096 x 8192 (p = min(m, K q) = m); its solver and trimming fits use the "
-      "warm-started subspace iteration (a full 4096 x 4096 eigh takes ~18 s on these "
-      "cores). A K missing below did not finish in the regenerating run.",
+      "problem is 4096 x 8192 (p = min(m, K q) = m) and L holds a few hundred directions "
+      "(the shrunk residuals of 102 contaminated clients); the solver's SVT runs the "
+      "warm-started subspace iteration on a 512-column basis (min(m/4, 512)), the trimming "
+      "fits on a narrow one (a full 4096 x 4096 eigh takes ~18 s on these cores). A K "
+      "missing below did not finish in the regenerating run.",
       "",
       table(report["factored"], ["K", "q", "total_s_with_compile", "second_call_s",
-                                 "peak_rss_gb", "exact_detection", "solver_steps",
+                                 "peak_rss_gb", "exact_detection", "solver_steps", "status",
                                  "dense_gb_would_be", "source", "error"]),
       "",
       "## Robust baselines (same target problem)",

@@ -113,7 +113,8 @@ def test_accurate_ritz_values_resolve_small_singular_values():
   x = jnp.asarray((left[:, :width] * spectrum) @ right[:, :width].T, jnp.float32)
   basis = jnp.asarray(left[:, :width] @ np.linalg.qr(rng.normal(size=(width, width)))[0],
                       jnp.float32)          # the exact range, in a rotated basis
-  pairs = jax.jit(subspace.rayleigh_ritz, static_argnums=2)(x, basis, True)
+  # eps (1 / 1e-3)^2 > 1e-4: the threshold asks for the accurate Ritz values.
+  pairs = jax.jit(subspace.rayleigh_ritz)(x, basis, 1e-3)
   np.testing.assert_allclose(pairs.singular_values, spectrum, rtol=2e-5)
   np.testing.assert_allclose(np.abs(np.sum(np.asarray(pairs.vectors) * left[:, :width], 0)),
                              1.0, atol=1e-4)

@@ -141,9 +141,9 @@ def svt_warm(
   With an ``(m, s)`` orthonormal ``basis`` (the previous FISTA step's), ``"auto"`` and
   ``"subspace"`` run :func:`clair_jax._src.subspace.subspace_iteration` and use the Ritz
   pairs: ``SVT_t(X) = V diag((1 - t/s_i)_+) V^T X`` (``V``, ``s_i`` from
-  :func:`clair_jax._src.subspace.accurate_rotation` unless clients are sharded: in
-  float32 the squared spectrum leaves shrink factors near ``t`` off by
-  ``~eps (s_1 / t)^2``, which stalls FISTA), three thin GEMMs instead of the Gram
+  :func:`clair_jax._src.subspace.accurate_rotation` where ``eps (s_1 / t)^2 > 1e-4``,
+  unless clients are sharded: the squared spectrum leaves shrink factors near ``t`` off
+  by about that, which stalls FISTA above its tolerance), three thin GEMMs instead of the Gram
   GEMM, an ``m x m`` ``eigh`` and the apply GEMM. The result is accepted when
 
   * at most ``s - max(2, s/4)`` Ritz values exceed ``t`` (a saturated basis could miss a
@@ -173,7 +173,8 @@ def svt_warm(
     return small & (accurate | ~jnp.any(kept))
 
   pairs = subspace.subspace_iteration(
-      x, basis, lambda p: saturated(p) | converged(p), SVT_MAX_ITERS, accurate=gather)
+      x, basis, lambda p: saturated(p) | converged(p), SVT_MAX_ITERS,
+      refine_below=threshold if gather else None)
 
   def from_pairs(x):
     factor = prox.shrink_factors(pairs.singular_values, threshold)

@@ -36,7 +36,8 @@ class RitzPairs(NamedTuple):
   num_iters: jax.Array        # int32, power steps taken
 
 
-def rayleigh_ritz(stacked: jax.Array, basis: jax.Array, accurate: bool = False) -> RitzPairs:
+def rayleigh_ritz(stacked: jax.Array, basis: jax.Array,
+                  refine_below: jax.Array | None = None) -> RitzPairs:
   r"""Ritz pairs of ``G = X X^T`` on ``range(basis)`` without forming ``G``.
 
   .. math::
@@ -48,16 +49,22 @@ def rayleigh_ritz(stacked: jax.Array, basis: jax.Array, accurate: bool = False) 
   ``[X_1, ..., X_K]`` (:func:`stack_clients`) and the ``(m, s)`` and ``(s, s)`` products
   are sums over clients: with clients sharded, the only cross-device traffic.
 
-  ``accurate=True`` takes ``W`` and ``sqrt(Theta)`` from :func:`accurate_rotation`
-  instead (singular values to ``eps s_1`` rather than ``eps s_1^2 / s_i``).
+  The ``eigh`` gives singular values to ``eps s_1^2 / s_i``. With ``refine_below = t``,
+  where that is coarse at ``t`` (``eps (s_1 / t)^2 > 1e-4``), ``W`` and ``sqrt(Theta)``
+  are taken from :func:`accurate_rotation` instead (to ``eps s_1``): a solver thresholding
+  at ``t`` needs them (see :func:`clair_jax._src.solver.svt_warm`).
   """
   coefficients = jnp.tensordot(basis, stacked, axes=(0, 0))            # (s, ...)
-  if accurate:
-    rotation, singular_values = accurate_rotation(coefficients)
-    theta = singular_values**2
-  else:
-    theta, rotation = jnp.linalg.eigh(gram_of(coefficients))
-    theta, rotation = jnp.maximum(theta[::-1], 0.0), rotation[:, ::-1]
+  theta, rotation = jnp.linalg.eigh(gram_of(coefficients))
+  theta, rotation = jnp.maximum(theta[::-1], 0.0), rotation[:, ::-1]
+  if refine_below is not None:
+    coarse = jnp.finfo(theta.dtype).eps * theta[0] > 1e-4 * refine_below**2
+
+    def refine(_):
+      rotation, singular_values = accurate_rotation(coefficients)
+      return singular_values**2, rotation
+
+    theta, rotation = jax.lax.cond(coarse, refine, lambda _: (theta, rotation), None)
   vectors = basis @ rotation
   gram_vectors = cross_of(stacked, coefficients) @ rotation
   scale = jnp.maximum(theta[0], jnp.finfo(theta.dtype).tiny)
@@ -105,7 +112,7 @@ def subspace_iteration(
     basis: jax.Array,
     converged: Callable[[RitzPairs], jax.Array],
     max_iters: int,
-    accurate: bool = False,
+    refine_below: jax.Array | None = None,
 ) -> RitzPairs:
   """Warm-started block power iteration with Rayleigh-Ritz, until ``converged(pairs)``.
 
@@ -121,18 +128,19 @@ def subspace_iteration(
     basis: ``(m, s)`` orthonormal start.
     converged: predicate on :class:`RitzPairs` (traced).
     max_iters: cap on power steps (static).
-    accurate: Ritz values from an SVD (see :func:`rayleigh_ritz`; static).
+    refine_below: threshold at which Ritz values must be accurate (see
+      :func:`rayleigh_ritz`); ``None``: the ``eigh``'s are enough.
 
   Returns:
     :class:`RitzPairs` of the last step.
   """
-  pairs = rayleigh_ritz(stacked, basis, accurate)
+  pairs = rayleigh_ritz(stacked, basis, refine_below)
 
   def cond(pairs):
     return (pairs.num_iters < max_iters) & ~converged(pairs)
 
   def body(pairs):
-    return rayleigh_ritz(stacked, pairs.next_basis, accurate)._replace(num_iters=pairs.num_iters + 1)
+    return rayleigh_ritz(stacked, pairs.next_basis, refine_below)._replace(num_iters=pairs.num_iters + 1)
 
   return jax.lax.while_loop(cond, body, pairs)
 
