@@ -339,7 +339,8 @@ def render(report, png_name, quick):
       "",
       "`step_s`: one `decomposition_step` at the solver's steady state (clair's own weights; "
       "SVT from the warm-started subspace iteration: three thin GEMMs, a thin QR and an "
-      "s x s SVD for float32-accurate Ritz values, no m x m eigh) against one Gram GEMM `X X^T` of the same shape (`ratio`). "
+      "s x s SVD for float32-accurate Ritz values, no m x m eigh) against one Gram GEMM "
+      "`X X^T` of the same shape (`ratio`). "
       "`mean_step_s`: a whole solve divided by its steps, including the transient steps "
       "where L briefly has more directions than the basis holds and the SVT falls back to "
       "the full Gram eigh (`mean_ratio`).",
@@ -359,7 +360,8 @@ def render(report, png_name, quick):
       "",
       "K values come from `--factored-clients` (default `64,512`). At K=512 the reduced "
       "problem is 4096 x 8192 (p = min(m, K q) = m) and L holds ~9% of m directions (the "
-      "shrunk residuals of the contaminated clients; 88 of 1024 measured at K=128); the solver's SVT runs the "
+      "shrunk residuals of the contaminated clients; 88 of 1024 measured at K=128); "
+      "the solver's SVT runs the "
       "warm-started subspace iteration on a 512-column basis (min(m/4, 512)), the trimming "
       "fits on a narrow one (a full 4096 x 4096 eigh takes ~18 s on these cores). A K "
       "missing below did not finish in the regenerating run.",

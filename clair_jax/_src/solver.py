@@ -346,8 +346,8 @@ def solve_decomposition(
       computed (see :func:`svt_warm`; ``"auto"`` warm-starts a subspace iteration
       when ``m >= 4 s``, else uses the Gram when wide, else the SVD).
     svt_width: columns ``s`` of the warm-started basis (default 32 below ``m = 512``, else
-      ``min(m / 4, 512)``; capped by ``m`` and ``K n``); it must exceed the rank of ``L`` by a margin, else
-      steps fall back to the exact SVT (correct, slower).
+      ``min(m / 4, 512)``; capped by ``m`` and ``K n``); it must exceed the rank of ``L``
+      by a margin, else steps fall back to the exact SVT (correct, slower).
     gather: whether the exact SVT may stack (gather) the clients; ``False`` for sharded
       clients (Gram path only).
 
