@@ -118,6 +118,9 @@ def test_options_are_honoured():
   assert "flagged" in result.summary()
   with pytest.raises(TypeError, match="unknown option"):
     clair_jax.clair(problem.updates, RANK, lamda=1.0)
+  for bad_width in (0, 2.5, True):
+    with pytest.raises(ValueError, match="svt_width"):
+      clair_jax.clair(problem.updates, RANK, svt_width=bad_width)
 
 
 def test_rank_chosen_from_data():

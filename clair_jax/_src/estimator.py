@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -166,7 +167,8 @@ def _options(options: dict) -> ClairOptions:
         f"contaminated_output must be 'keep' or 'project'; got {opts.contaminated_output!r}")
   if opts.svt_method not in solver.SVT_METHODS:
     raise ValueError(f"svt_method must be one of {solver.SVT_METHODS}; got {opts.svt_method!r}")
-  if opts.svt_width is not None and not (isinstance(opts.svt_width, int)
+  if opts.svt_width is not None and not (isinstance(opts.svt_width, numbers.Integral)
+                                         and not isinstance(opts.svt_width, bool)
                                          and opts.svt_width >= 1):
     raise ValueError(f"svt_width must be a positive int or None; got {opts.svt_width!r}")
   if opts.threshold_ratio <= 1.0:

@@ -143,8 +143,8 @@ def svt_warm(
   pairs: ``SVT_t(X) = V diag((1 - t/s_i)_+) V^T X`` (``V``, ``s_i`` from
   :func:`clair_jax._src.subspace.accurate_rotation` where ``eps (s_1 / t)^2 > 1e-4``,
   unless clients are sharded: the squared spectrum leaves shrink factors near ``t`` off
-  by about that, which stalls FISTA above its tolerance), three thin GEMMs instead of the Gram
-  GEMM, an ``m x m`` ``eigh`` and the apply GEMM. The result is accepted when
+  by about that, which stalls FISTA above its tolerance), three thin GEMMs instead of
+  the Gram GEMM, an ``m x m`` ``eigh`` and the apply GEMM. The result is accepted when
 
   * at most ``s - max(2, s/4)`` Ritz values exceed ``t`` (a saturated basis could miss a
     kept direction), and

@@ -140,7 +140,8 @@ def subspace_iteration(
     return (pairs.num_iters < max_iters) & ~converged(pairs)
 
   def body(pairs):
-    return rayleigh_ritz(stacked, pairs.next_basis, refine_below)._replace(num_iters=pairs.num_iters + 1)
+    pairs_next = rayleigh_ritz(stacked, pairs.next_basis, refine_below)
+    return pairs_next._replace(num_iters=pairs.num_iters + 1)
 
   return jax.lax.while_loop(cond, body, pairs)
 
