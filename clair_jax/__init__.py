@@ -19,12 +19,12 @@ from clair_jax._src.solver import STATUS_NAMES
 from clair_jax._src.solver import decomposition_step
 from clair_jax._src.solver import init_decomposition
 from clair_jax._src.solver import solve_decomposition
-from clair_jax._src.solver import from_columns
 from clair_jax._src.solver import svt_blocks
-from clair_jax._src.solver import to_columns
 from clair_jax._src.subspace import fit_subspace
+from clair_jax._src.subspace import from_columns
 from clair_jax._src.subspace import project_onto_subspace
 from clair_jax._src.subspace import stack_clients
+from clair_jax._src.subspace import to_columns
 from clair_jax._src.subspace import unstack_clients
 
 # Public submodules (they depend on the core above, never the reverse).

@@ -26,7 +26,9 @@ import jax.numpy as jnp
 
 from clair_jax._src import prox
 from clair_jax._src import subspace
+from clair_jax._src.subspace import from_columns
 from clair_jax._src.subspace import stack_clients
+from clair_jax._src.subspace import to_columns
 from clair_jax._src.subspace import unstack_clients
 
 # Status codes; they travel through jit as int32 arrays.
@@ -45,6 +47,10 @@ SVT_METHODS = ("auto", "subspace", "gram", "svd")
 # Warm-started SVT: Ritz residual tolerance (relative to s_1^2) and power steps per call.
 SVT_TOL = 1e-5
 SVT_MAX_ITERS = 8
+# Default SVT basis width (see basis_width): 32 columns below m = 512, else min(m / 4, 512).
+DEFAULT_SVT_WIDTH = 32
+WIDE_BASIS_FROM = 512
+MAX_SVT_WIDTH = 512
 
 
 class DecompositionState(NamedTuple):
@@ -72,16 +78,6 @@ class DecompositionSolution(NamedTuple):
   num_steps: jax.Array  # int32
   max_steps: int
   residual: jax.Array   # relative fixed-point residual at exit
-
-
-def to_columns(blocks: jax.Array) -> jax.Array:
-  """Client blocks ``(K, m, n)`` -> column layout ``(m, K, n)`` (one transpose)."""
-  return jnp.transpose(blocks, (1, 0, 2))
-
-
-def from_columns(columns: jax.Array) -> jax.Array:
-  """Column layout ``(m, K, n)`` -> client blocks ``(K, m, n)``."""
-  return jnp.transpose(columns, (1, 0, 2))
 
 
 def svt_blocks(blocks: jax.Array, threshold: jax.Array, method: str = "auto") -> jax.Array:
@@ -205,14 +201,12 @@ def basis_width(shape: tuple[int, int, int], method: str = "auto",
   if method not in ("auto", "subspace"):
     return 0
   if not width:
-    width = DEFAULT_SVT_WIDTH if m < 512 else min(m // 4, 16 * DEFAULT_SVT_WIDTH)
+    width = DEFAULT_SVT_WIDTH if m < WIDE_BASIS_FROM else min(m // 4, MAX_SVT_WIDTH)
   width = min(width, m, num_clients * n)
   if method == "auto" and m < 4 * width:
     return 0
   return width
 
-
-DEFAULT_SVT_WIDTH = 32
 
 
 def init_decomposition(

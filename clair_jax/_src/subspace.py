@@ -21,6 +21,21 @@ def unstack_clients(stacked: jax.Array, num_clients: int) -> jax.Array:
   return jnp.transpose(stacked.reshape(m, num_clients, width // num_clients), (1, 0, 2))
 
 
+def to_columns(blocks: jax.Array) -> jax.Array:
+  """Client blocks ``(K, m, n)`` -> column layout ``(m, K, n)`` (one transpose).
+
+  ``x.reshape(m, K * n)`` is then the stacked matrix of :func:`stack_clients`, but the
+  products (:func:`cross_of`) contract ``(K, n)`` in place, so clients sharded on ``K``
+  are never gathered.
+  """
+  return jnp.transpose(blocks, (1, 0, 2))
+
+
+def from_columns(columns: jax.Array) -> jax.Array:
+  """Column layout ``(m, K, n)`` -> client blocks ``(K, m, n)``."""
+  return jnp.transpose(columns, (1, 0, 2))
+
+
 class RitzPairs(NamedTuple):
   """Ritz approximation of the top singular triplets of ``X`` (``m x N``) on a basis.
 
@@ -227,12 +242,14 @@ def fit_subspace_and_basis(
     iterative = basis is not None or use_iterative(m, num_clients * n, rank)
     method = "iterative" if iterative else "gram"
 
-  def by_gram(updates):
-    _, vectors = jnp.linalg.eigh(jnp.einsum("kmn,kpn->mp", updates, updates))
+  columns = to_columns(updates)
+
+  def by_gram(columns):
+    _, vectors = jnp.linalg.eigh(gram_of(columns))
     return vectors[:, ::-1]
 
   if method == "gram":
-    return by_gram(updates)[:, :rank], None
+    return by_gram(columns)[:, :rank], None
   if method == "svd":
     left, _, _ = jnp.linalg.svd(stack_clients(updates), full_matrices=False)
     return left[:, :rank], None
@@ -241,14 +258,13 @@ def fit_subspace_and_basis(
   if basis.shape[0] != m or not rank <= basis.shape[1]:
     raise ValueError(f"basis must be (m, s) = ({m}, s >= {rank}); got {basis.shape}")
   converged = lambda pairs: jnp.max(pairs.residuals[:rank]) <= FIT_TOL
-  pairs = subspace_iteration(stack_clients(updates), basis, converged, FIT_MAX_ITERS)
+  pairs = subspace_iteration(columns, basis, converged, FIT_MAX_ITERS)
   # Not converged (tiny eigen-gap, or a start orthogonal to the answer): exact fallback.
   width = basis.shape[1]
   vectors, next_basis = jax.lax.cond(
       converged(pairs), lambda _: (pairs.vectors, pairs.next_basis),
-      lambda u: (lambda v: (v, v))(by_gram(u)[:, :width]), updates)
+      lambda c: (lambda v: (v, v))(by_gram(c)[:, :width]), columns)
   return vectors[:, :rank], next_basis
-
 
 
 def project_onto_subspace(updates: jax.Array, subspace: jax.Array) -> jax.Array:
