@@ -85,20 +85,28 @@ def wide():
 def test_subspace_svt_matches_exact_and_falls_back_when_saturated(wide):
   problem, _, _ = wide
   x = clair_jax.stack_clients(jnp.asarray(problem.updates))
-  exact, _ = solver.svt_warm(x, 0.05, None, "svd")
+  spectrum = np.linalg.svd(np.asarray(x), compute_uv=False)
+  # Three signal directions (s ~ 13-15) stand well above the rest (s < 3).
+  high = 0.5 * float(spectrum[2] + spectrum[3])
+  assert spectrum[2] > 4 * spectrum[3]
+  exact = solver.svt_warm(x, high, None, "svd").value
   rng = np.random.default_rng(0)
   cold = jnp.linalg.qr(jnp.asarray(rng.normal(size=(128, 16)), jnp.float32))[0]
-  # Top singular values are well above 0.05 and few: accepted from a cold random start.
-  out, next_basis = jax.jit(solver.svt_warm, static_argnames="method")(
-      x, 0.05, cold, method="subspace")
+  # Few kept directions, well separated: accepted from a cold random start.
+  out, next_basis, saturated = jax.jit(solver.svt_warm, static_argnames="method")(
+      x, high, cold, method="subspace")
+  assert not saturated
   np.testing.assert_allclose(out, exact, atol=1e-4)
   np.testing.assert_allclose(next_basis.T @ next_basis, np.eye(16), atol=1e-5)
   # A threshold that keeps more directions than the basis can hold: exact fallback.
-  spectrum = np.linalg.svd(np.asarray(x), compute_uv=False)
   low = float(spectrum[30])
   assert np.sum(spectrum > low) > 16
-  out_low, _ = solver.svt_warm(x, low, cold, "subspace")
-  np.testing.assert_allclose(out_low, solver.svt_warm(x, low, None, "svd")[0], atol=1e-4)
+  out_low, _, saturated = solver.svt_warm(x, low, cold, "subspace")
+  assert saturated
+  np.testing.assert_allclose(out_low, solver.svt_warm(x, low, None, "svd").value, atol=1e-4)
+  # After a saturated step the solver asks for the exact SVT directly: same value.
+  out_exact = solver.svt_warm(x, low, cold, "subspace", exact=True).value
+  np.testing.assert_allclose(out_exact, out_low, atol=1e-5)
 
 
 def test_accurate_ritz_values_resolve_small_singular_values():

@@ -67,6 +67,15 @@ class DecompositionState(NamedTuple):
   continuation: jax.Array     # penalty multiplier c_t >= 1
   residual: jax.Array         # relative fixed-point residual of the last step
   basis: jax.Array            # (m, s) warm start of the subspace SVT ((m, 0) when unused)
+  saturated: jax.Array        # bool: the last SVT kept more than the basis holds (see svt_warm)
+
+
+class WarmSvt(NamedTuple):
+  """Result of :func:`svt_warm`."""
+
+  value: jax.Array      # SVT_t(x), shaped like x
+  basis: jax.Array      # (m, s) next warm start
+  saturated: jax.Array  # bool: more than s - max(2, s/4) singular values exceed t
 
 
 class DecompositionSolution(NamedTuple):
@@ -92,21 +101,28 @@ def svt_blocks(blocks: jax.Array, threshold: jax.Array, method: str = "auto") ->
   """
   if method not in SVT_METHODS:
     raise ValueError(f"svt_method must be one of {SVT_METHODS}, got {method!r}")
-  out, _ = svt_warm(stack_clients(blocks), threshold, None, method)
-  return unstack_clients(out, blocks.shape[0])
+  return unstack_clients(svt_warm(stack_clients(blocks), threshold, None, method).value,
+                         blocks.shape[0])
+
+
+def _saturation_guard(width: int) -> int:
+  """Spare basis columns required beyond the kept directions (see :func:`svt_warm`)."""
+  return max(2, width // 4)
 
 
 def _full_svt(x, threshold, method, gather, width):
-  """Exact SVT of ``x`` (``m x N``, or ``(m, K, n)`` columns; Gram ``eigh`` or SVD) and
-  its top-``width`` left singular vectors."""
+  """Exact SVT of ``x`` (``m x N``, or ``(m, K, n)`` columns; Gram ``eigh`` or SVD) as a
+  :class:`WarmSvt` whose basis is the top-``width`` left singular vectors."""
   m = x.shape[0]
   if method in ("auto", "subspace"):
     # Sharded clients (gather=False): the Gram is a sum over clients; the SVD would stack.
     method = ("gram_checked" if m <= x.size // m else "svd") if gather else "gram"
+  # With no basis (width 0) nothing saturates: every step is exact anyway.
+  limit = width - _saturation_guard(width) if width else m
 
   def by_svd(x):
-    out, (left, _, _, _) = prox.svt_from_svd(x.reshape(m, -1), threshold)
-    return out.reshape(x.shape), left[:, :width]
+    out, (left, _, _, shrunk) = prox.svt_from_svd(x.reshape(m, -1), threshold)
+    return WarmSvt(out.reshape(x.shape), left[:, :width], jnp.sum(shrunk > 0) > limit)
 
   if method == "svd":
     return by_svd(x)
@@ -114,7 +130,8 @@ def _full_svt(x, threshold, method, gather, width):
 
   def by_gram(x):
     projector = (vectors * factor[None, :]) @ vectors.T
-    return jnp.tensordot(projector, x, axes=(1, 0)), vectors[:, ::-1][:, :width]
+    return WarmSvt(jnp.tensordot(projector, x, axes=(1, 0)), vectors[:, ::-1][:, :width],
+                   jnp.sum(factor > 0) > limit)
 
   if method == "gram":
     return by_gram(x)
@@ -131,7 +148,8 @@ def svt_warm(
     method: str = "auto",
     *,
     gather: bool = True,
-) -> tuple[jax.Array, jax.Array]:
+    exact: jax.Array | bool = False,
+) -> WarmSvt:
   """SVT of ``x`` (``m x N``, or ``(m, K, n)`` columns) from a warm-started subspace.
 
   With an ``(m, s)`` orthonormal ``basis`` (the previous FISTA step's), ``"auto"`` and
@@ -144,42 +162,57 @@ def svt_warm(
 
   * at most ``s - max(2, s/4)`` Ritz values exceed ``t`` (a saturated basis could miss a
     kept direction), and
-  * every kept Ritz pair has residual ``||G v - s^2 v|| <= 1e-5 s_1^2`` (within 8 power
-    steps) and the threshold passes :func:`clair_jax._src.prox.gram_is_accurate`;
+  * the top and every kept Ritz pair have residual ``||G v - s^2 v|| <= 1e-5 s_1^2``
+    (within 8 power steps) and the threshold passes
+    :func:`clair_jax._src.prox.gram_is_accurate`;
 
   otherwise the exact SVT is taken (Gram ``eigh``, or the SVD where the Gram is not
-  accurate and ``gather`` allows stacking the clients). ``basis=None`` or ``s = 0``
-  means exact SVT with ``method`` (``"auto"``: Gram when wide, else SVD).
+  accurate and ``gather`` allows stacking the clients). The power steps also stop early
+  when their observed convergence rate cannot meet the tolerance within the cap (the
+  exact SVT is then cheaper than more steps). ``exact=True`` (traced) skips the subspace
+  iteration: the solver sets it after a saturated step, whose ``L`` the basis could not
+  hold. ``basis=None`` or ``s = 0`` means exact SVT with ``method`` (``"auto"``: Gram
+  when wide, else SVD).
 
   Returns:
-    ``(SVT_t(x) (shaped like x), next basis (m, s))``.
+    :class:`WarmSvt`: ``SVT_t(x)`` shaped like ``x``, the next basis ``(m, s)`` and
+    whether the kept directions saturate it.
   """
   width = 0 if basis is None else basis.shape[1]
   if method not in ("auto", "subspace") or width == 0:
     return _full_svt(x, threshold, method, gather, width)
-  guard = max(2, width // 4)
+  limit = width - _saturation_guard(width)
 
   def saturated(pairs):
-    return jnp.sum(pairs.singular_values > threshold) > width - guard
+    return jnp.sum(pairs.singular_values > threshold) > limit
+
+  def kept_residual(pairs):
+    # The top pair is always checked: Ritz values only bound the singular values from
+    # below, so "nothing above t" needs a converged s_1 (a cold basis sees only a part).
+    checked = (pairs.singular_values > threshold).at[0].set(True)
+    return jnp.max(jnp.where(checked, pairs.residuals, 0.0))
 
   def converged(pairs):
     kept = pairs.singular_values > threshold
-    small = jnp.all(jnp.where(kept, pairs.residuals, 0.0) <= SVT_TOL)
     accurate = prox.gram_is_accurate(pairs.singular_values[0], threshold, x.dtype)
-    return small & (accurate | ~jnp.any(kept))
+    return (kept_residual(pairs) <= SVT_TOL) & (accurate | ~jnp.any(kept))
 
-  pairs = subspace.subspace_iteration(
-      x, basis, lambda p: saturated(p) | converged(p), SVT_MAX_ITERS,
-      refine_below=threshold if gather else None)
+  def warm(x):
+    pairs = subspace.subspace_iteration(
+        x, basis, lambda p: saturated(p) | converged(p), SVT_MAX_ITERS,
+        refine_below=threshold if gather else None, error=kept_residual, tol=SVT_TOL)
 
-  def from_pairs(x):
-    factor = prox.shrink_factors(pairs.singular_values, threshold)
-    return (jnp.tensordot(pairs.vectors * factor[None, :], pairs.coefficients, axes=(1, 0)),
-            pairs.next_basis)
+    def from_pairs(x):
+      factor = prox.shrink_factors(pairs.singular_values, threshold)
+      value = jnp.tensordot(pairs.vectors * factor[None, :], pairs.coefficients, axes=(1, 0))
+      return WarmSvt(value, pairs.next_basis, jnp.asarray(False))
 
-  accept = converged(pairs) & ~saturated(pairs)
-  return jax.lax.cond(accept, from_pairs,
-                      lambda x: _full_svt(x, threshold, method, gather, width), x)
+    accept = converged(pairs) & ~saturated(pairs)
+    return jax.lax.cond(accept, from_pairs,
+                        lambda x: _full_svt(x, threshold, method, gather, width), x)
+
+  return jax.lax.cond(exact, lambda x: _full_svt(x, threshold, method, gather, width),
+                      warm, x)
 
 
 def basis_width(shape: tuple[int, int, int], method: str = "auto",
@@ -251,6 +284,7 @@ def init_decomposition(
       continuation=jnp.maximum(0.99 * start, 1.0).astype(dtype),
       residual=jnp.asarray(jnp.inf, dtype),
       basis=basis,
+      saturated=jnp.asarray(False),
   )
 
 
@@ -286,10 +320,12 @@ def decomposition_step(
   # Materialised: fused into the GEMMs' operands, the elementwise producer is recomputed
   # per tile (measured 2x slower steps on CPU).
   svt_input = jax.lax.optimization_barrier(y_low_rank - half_gradient)
-  low_rank, basis = svt_warm(svt_input, 0.5 * c * lam_low_rank, state.basis, svt_method,
-                             gather=gather)
+  svt = svt_warm(svt_input, 0.5 * c * lam_low_rank, state.basis, svt_method, gather=gather,
+                 exact=state.saturated)
+  low_rank = svt.value
+  # Y_S - G/2 = M - (Y_L - G/2): one pass over M instead of recomputing Y_S and G.
   sparse = jax.vmap(prox.prox_group_lasso, in_axes=(1, 0), out_axes=1)(
-      y_sparse - half_gradient, 0.5 * c * lam_sparse)
+      columns - svt_input, 0.5 * c * lam_sparse)
   change = jnp.sqrt(jnp.sum((low_rank - state.low_rank) ** 2)
                     + jnp.sum((sparse - state.sparse) ** 2))
   scale = jnp.maximum(prox.safe_norm(columns), jnp.finfo(columns.dtype).tiny)
@@ -307,7 +343,8 @@ def decomposition_step(
       momentum=jnp.where(against, 1.0, momentum_next).astype(state.momentum.dtype),
       continuation=jnp.maximum(c * continuation_factor, 1.0),
       residual=change / scale,
-      basis=basis,
+      basis=svt.basis,
+      saturated=svt.saturated,
   )
 
 

@@ -128,6 +128,8 @@ def subspace_iteration(
     converged: Callable[[RitzPairs], jax.Array],
     max_iters: int,
     refine_below: jax.Array | None = None,
+    error: Callable[[RitzPairs], jax.Array] | None = None,
+    tol: float | jax.Array | None = None,
 ) -> RitzPairs:
   """Warm-started block power iteration with Rayleigh-Ritz, until ``converged(pairs)``.
 
@@ -145,20 +147,36 @@ def subspace_iteration(
     max_iters: cap on power steps (static).
     refine_below: threshold at which Ritz values must be accurate (see
       :func:`rayleigh_ritz`); ``None``: the ``eigh``'s are enough.
+    error, tol: optional scalar error of the pairs that ``converged`` wants below ``tol``;
+      given both, the iteration also stops (unconverged) once the observed rate
+      ``e_t / e_{t-1}`` cannot bring ``e`` below ``tol`` in the steps left: the caller's
+      fallback is then cheaper than more steps.
 
   Returns:
     :class:`RitzPairs` of the last step.
   """
   pairs = rayleigh_ritz(stacked, basis, refine_below)
+  error = (lambda _: jnp.asarray(0.0, pairs.residuals.dtype)) if error is None else error
 
-  def cond(pairs):
-    return (pairs.num_iters < max_iters) & ~converged(pairs)
+  def hopeless(pairs, previous_error):
+    if tol is None:
+      return jnp.asarray(False)
+    current = error(pairs)
+    rate = current / jnp.maximum(previous_error, jnp.finfo(current.dtype).tiny)
+    steps_left = (max_iters - pairs.num_iters).astype(current.dtype)
+    return (pairs.num_iters >= 2) & ((rate >= 1.0) | (current * rate**steps_left > tol))
 
-  def body(pairs):
+  def cond(carry):
+    pairs, previous_error = carry
+    return ((pairs.num_iters < max_iters) & ~converged(pairs)
+            & ~hopeless(pairs, previous_error))
+
+  def body(carry):
+    pairs, _ = carry
     pairs_next = rayleigh_ritz(stacked, pairs.next_basis, refine_below)
-    return pairs_next._replace(num_iters=pairs.num_iters + 1)
+    return pairs_next._replace(num_iters=pairs.num_iters + 1), error(pairs)
 
-  return jax.lax.while_loop(cond, body, pairs)
+  return jax.lax.while_loop(cond, body, (pairs, error(pairs)))[0]
 
 
 def start_basis(m: int, width: int, dtype) -> jax.Array:
