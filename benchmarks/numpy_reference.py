@@ -64,29 +64,51 @@ def unexplained_fraction(updates, subspace):
   return np.where(energy > 0, 1.0 - explained / np.where(energy > 0, energy, 1.0), 0.0)
 
 
-def consensus_start(updates, active, rank, num_candidates):
+def own_subspaces(blocks, rank):
+  """Squared singular values (ascending) and top-``rank`` left singular vectors of each
+  block from one batched ``eigh`` of its small Gram (zero columns where unresolved)."""
+  _, m, p = blocks.shape
+  if p <= m:
+    squared, right = np.linalg.eigh(np.einsum("kmn,kmp->knp", blocks, blocks, optimize=True))
+    projected = np.einsum("kmn,knr->kmr", blocks, right[:, :, ::-1][:, :, :rank],
+                          optimize=True)
+    norms = np.sqrt(np.sum(projected**2, axis=1, keepdims=True))
+    left = projected / np.where(norms > 0, norms, 1.0)
+  else:
+    squared, vectors = np.linalg.eigh(np.einsum("kmn,kpn->kmp", blocks, blocks, optimize=True))
+    left = vectors[:, :, ::-1][:, :, :rank]
+  top = squared[:, ::-1][:, :rank]
+  resolved = top > np.finfo(blocks.dtype).eps * min(m, p) * top[:, :1]
+  return squared, np.where(resolved[:, None, :], left, 0.0)
+
+
+def consensus_start(updates, active, rank, num_candidates, own_left=None):
   num_clients, m, n = updates.shape
   group = math.ceil(rank / n)
   ids = np.round(np.linspace(0, num_clients - 1, num_candidates)).astype(int)
   members = (ids[:, None] + np.arange(group)[None, :]) % num_clients
-  proposals = np.transpose(updates[members], (0, 2, 1, 3)).reshape(num_candidates, m, group * n)
+  if group == 1:
+    own_left = own_subspaces(updates, rank)[1] if own_left is None else own_left
+    subspaces = own_left[ids]
+  else:
+    proposals = np.transpose(updates[members], (0, 2, 1, 3)).reshape(num_candidates, m,
+                                                                     group * n)
+    subspaces = own_subspaces(proposals, rank)[1]
   h = int(active.sum()) // 2 + 1
   fractions, costs = [], []
   for c in range(num_candidates):
-    left = scipy.linalg.svd(proposals[c], full_matrices=False)[0][:, :rank]
-    fractions.append(unexplained_fraction(updates, left))
+    fractions.append(unexplained_fraction(updates, subspaces[c]))
     costs.append(smallest_sum(fractions[-1], active, h) if active[members[c]].all() else np.inf)
   return smallest_mask(fractions[int(np.argmin(costs))], active, h)
 
 
-def own_tail_energy(updates, rank):
+def client_spectra(updates, rank):
+  """(own spectral tail beyond rank, or None; own top subspaces) from one batched eigh."""
   _, m, n = updates.shape
+  squared, left = own_subspaces(updates, min(rank, m, n))
   if min(m, n) <= rank:
-    return None
-  small = (np.einsum("kmn,kmp->knp", updates, updates, optimize=True) if n <= m
-           else np.einsum("kmn,kpn->kmp", updates, updates, optimize=True))
-  eigenvalues = np.linalg.eigvalsh(small)
-  return np.maximum(np.sum(eigenvalues[:, : min(m, n) - rank], axis=1), 0.0)
+    return None, left
+  return np.maximum(np.sum(squared[:, : min(m, n) - rank], axis=1), 0.0), left
 
 
 def count_unsupported(updates, benign, subspace, own_tail, floor):
@@ -236,11 +258,11 @@ def clair_numpy(updates, rank, **options) -> ReferenceResult:
   data_scale = data_scale if data_scale > 0 else (norms.max() if norms.max() > 0 else 1.0)
   x_n = (x / data_scale).astype(np.float32)
   dof = max(m - rank, 1) * n
-  own_tail = own_tail_energy(x_n, rank)
+  own_tail, own_left = client_spectra(x_n, rank)
   h = int(active.sum()) // 2 + 1
   candidates = max(1, min(opts["num_candidates"] or min(num_clients, 64), num_clients))
-  consensus = concentrate(x_n, active, consensus_start(x_n, active, rank, candidates), rank,
-                          opts, own_tail)
+  consensus = concentrate(x_n, active, consensus_start(x_n, active, rank, candidates, own_left),
+                          rank, opts, own_tail)
   unexplained = unexplained_fraction(x_n, consensus.subspace)
   complement = concentrate(x_n, active, smallest_mask(-unexplained, active, h), rank, opts,
                            own_tail)

@@ -26,6 +26,18 @@ updates = jax.device_put(jnp.asarray(problem.updates), sharding)
 sharded = clair_jax.clair(updates, 3)
 single = clair_jax.clair(jnp.asarray(problem.updates), 3, svt_method="gram")
 
+def wide_report():
+  # m = 128: the sizes at which jaxlib's batched LAPACK kernels, two at once, deadlocked
+  # the 2-thread pool (the client spectra and the consensus SVDs before they were merged).
+  wide = make_problem(num_clients=16, m=128, n=16, rank=3, fraction=0.25, noise=0.05, seed=3)
+  result = clair_jax.clair(jax.device_put(jnp.asarray(wide.updates), sharding), 3)
+  alone = clair_jax.clair(jnp.asarray(wide.updates), 3, svt_method="gram")
+  return {"contaminated": np.asarray(result.contaminated).tolist(),
+          "single_contaminated": np.asarray(alone.contaminated).tolist(),
+          "truth": wide.contaminated.tolist(),
+          "subspace_gap": float(np.abs(np.asarray(result.subspace @ result.subspace.T)
+                                       - np.asarray(alone.subspace @ alone.subspace.T)).max())}
+
 # What clair() compiles for sharded input (gather=False: no SVD fallback).
 weights = jax.device_put(jnp.ones(16, jnp.float32), sharding)
 hlo = estimator._clair_jit.lower(updates, weights, 3, estimator.ClairOptions(),
@@ -50,6 +62,7 @@ print(json.dumps({
     "refined_spec": str(sharded.refined.sharding.spec),
     "low_rank_spec": str(sharded.low_rank.sharding.spec),
     "refined_devices": len(sharded.refined.sharding.device_set),
+    "wide": wide_report(),
 }))
 '''
 
@@ -73,3 +86,6 @@ def test_sharded_clients_match_one_device_and_stay_sharded():
   # No collective moves the (K, m, n) array; the m x m Gram is all-reduced.
   assert report["max_collective_elements"] < report["dense_elements"]
   assert report["gram_all_reduce"]
+  wide = report["wide"]
+  assert wide["contaminated"] == wide["single_contaminated"] == wide["truth"]
+  assert wide["subspace_gap"] < 1e-5

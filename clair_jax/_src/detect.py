@@ -95,21 +95,54 @@ class Split(NamedTuple):
   basis: jax.Array             # (m, s) warm start of the next iterative fit ((m, 0): none)
 
 
+def own_subspaces(blocks: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+  """Each block's squared singular values and top-``rank`` left singular vectors.
+
+  From one batched ``eigh`` of the small Gram (``B_k^T B_k``, ``p x p`` with ``p = n``, or
+  ``B_k B_k^T`` when ``m < n``): ``u_i = B_k w_i / ||B_k w_i||``. Cheaper than a batched
+  SVD of the ``m x n`` blocks by the ratio of ``m`` to ``n``; the squared spectrum
+  leaves a direction with ``s_i^2 <= p eps s_1^2`` undetermined, so its column is zero
+  (a block of rank below ``rank`` proposes a smaller subspace).
+
+  Args:
+    blocks: ``(C, m, p)`` blocks.
+    rank: number of vectors ``r`` (at most ``min(m, p)``).
+
+  Returns:
+    ``((C, min(m, p)) squared singular values ascending, (C, m, r) vectors)``.
+  """
+  _, m, p = blocks.shape
+  if p <= m:
+    squared, right = jnp.linalg.eigh(jnp.einsum("kmn,kmp->knp", blocks, blocks))
+    projected = jnp.einsum("kmn,knr->kmr", blocks, right[:, :, ::-1][:, :, :rank])
+    norms = jnp.sqrt(jnp.sum(projected**2, axis=1, keepdims=True))
+    left = projected / jnp.where(norms > 0, norms, 1.0)
+  else:
+    squared, vectors = jnp.linalg.eigh(jnp.einsum("kmn,kpn->kmp", blocks, blocks))
+    left = vectors[:, :, ::-1][:, :, :rank]
+  top = squared[:, ::-1][:, :rank]
+  resolved = top > jnp.finfo(blocks.dtype).eps * min(m, p) * top[:, :1]
+  return squared, jnp.where(resolved[:, None, :], left, 0.0)
+
+
 def consensus_start(
-    updates: jax.Array, active: jax.Array, rank: int, num_candidates: int
+    updates: jax.Array, active: jax.Array, rank: int, num_candidates: int,
+    own_left: jax.Array | None = None,
 ) -> jax.Array:
   """Benign set proposed by the single-client subspace that explains the most clients.
 
   Candidate ``j`` is the top-``rank`` left singular subspace of client ``j``'s block (of
-  ``ceil(rank / n)`` consecutive clients when ``n < rank``). Its cost is the sum of the
-  ``h`` smallest unexplained fractions over active clients; the best candidate's ``h``
-  best-explained clients are returned.
+  ``ceil(rank / n)`` consecutive clients when ``n < rank``; see :func:`own_subspaces`).
+  Its cost is the sum of the ``h`` smallest unexplained fractions over active clients;
+  the best candidate's ``h`` best-explained clients are returned.
 
   Args:
     updates: ``(K, m, n)`` normalised updates, inactive clients zeroed.
     active: ``(K,)`` bool.
     rank: subspace dimension.
     num_candidates: how many clients (evenly spaced) propose a subspace.
+    own_left: optional ``(K, m, rank)`` every client's own top subspace (from
+      :func:`client_spectra`), reused when ``n >= rank``.
 
   Returns:
     ``(K,)`` bool benign mask of size ``h``.
@@ -119,14 +152,15 @@ def consensus_start(
   candidate_ids = jnp.round(jnp.linspace(0, num_clients - 1, num_candidates)).astype(jnp.int32)
   offsets = jnp.arange(group)
   members = (candidate_ids[:, None] + offsets[None, :]) % num_clients  # (C, group)
-  if group == 1 and num_candidates == num_clients:
-    # Every client proposes: no gather, so clients sharded on axis 0 stay where they are.
-    left, _, _ = jnp.linalg.svd(updates, full_matrices=False)
+  if group == 1:
+    if own_left is None:
+      own_left = own_subspaces(updates, rank)[1]
+    # Every client proposing: no gather, so clients sharded on axis 0 stay in place.
+    subspaces = own_left if num_candidates == num_clients else own_left[candidate_ids]
   else:
     proposals = jnp.transpose(updates[members], (0, 2, 1, 3)).reshape(
         num_candidates, m, group * n)
-    left, _, _ = jnp.linalg.svd(proposals, full_matrices=False)
-  subspaces = left[:, :, :rank]                                          # (C, m, r)
+    subspaces = own_subspaces(proposals, rank)[1]                      # (C, m, r)
   h = majority_size(active)
   fractions = jax.vmap(lambda u: unexplained_fraction(updates, u))(subspaces)  # (C, K)
   costs = jax.vmap(lambda f: smallest_sum(f, active, h))(fractions)
@@ -135,21 +169,26 @@ def consensus_start(
   return smallest_mask(fractions[best], active, h)
 
 
-def own_tail_energy(updates: jax.Array, rank: int) -> jax.Array | None:
-  """Energy of each client's own block beyond its top-``rank`` singular values, ``(K,)``.
+class ClientSpectra(NamedTuple):
+  """What each client's own block says, from one batched small-Gram ``eigh``."""
 
-  ``sum_{i > r} s_i(D_k)^2``: for a benign client (rank-``r`` signal plus noise) this is
-  noise only, so it calibrates the client's *own* noise level. ``None`` when
-  ``min(m, n) <= rank`` (no tail to measure).
+  tail: jax.Array | None  # (K,) energy beyond the top r singular values; None if min(m, n) <= r
+  left: jax.Array         # (K, m, min(r, m, n)) top left singular vectors (zero if unresolved)
+
+
+def client_spectra(updates: jax.Array, rank: int) -> ClientSpectra:
+  """Each client's spectral tail and own top-``rank`` subspace (:func:`own_subspaces`).
+
+  The tail ``sum_{i > r} s_i(D_k)^2``: for a benign client (rank-``r`` signal plus noise)
+  this is noise only, so it calibrates the client's *own* noise level. The subspaces are
+  the consensus search's candidates (:func:`consensus_start`).
   """
   _, m, n = updates.shape
+  squared, left = own_subspaces(updates, min(rank, m, n))
   if min(m, n) <= rank:
-    return None
-  small_gram = (jnp.einsum("kmn,kmp->knp", updates, updates) if n <= m
-                else jnp.einsum("kmn,kpn->kmp", updates, updates))
-  eigenvalues = jnp.linalg.eigvalsh(small_gram)            # ascending
-  tail = jnp.sum(eigenvalues[:, : min(m, n) - rank], axis=1)
-  return jnp.maximum(tail, 0.0)
+    return ClientSpectra(None, left)
+  tail = jnp.sum(squared[:, : min(m, n) - rank], axis=1)                # ascending
+  return ClientSpectra(jnp.maximum(tail, 0.0), left)
 
 
 def count_unsupported(updates, benign, subspace, own_tail, floor):

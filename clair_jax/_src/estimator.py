@@ -335,20 +335,17 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   # Robust starts: the consensus, and its complement (the clients the consensus subspace
   # explains worst), which finds a benign majority whose signal is weaker than a coherent
   # group's. The better split's benign median residual calibrates the convex weights.
-  own_tail = detect.own_tail_energy(x_n, rank)
-  if own_tail is not None:
-    # jaxlib's batched LAPACK kernels (this eigvalsh, the SVDs of consensus_start) split
-    # their batch over the intra-op thread pool and block on it; two running at once on a
-    # 2-thread pool deadlock (observed on this 2-core box). XLA's CPU runtime orders
-    # kernels by the buffers they read, so the SVDs are made to read own_tail (0 * x is
-    # not folded for floats; the min keeps a huge client's inf tail from making NaN).
-    x_n = x_n + 0.0 * jnp.minimum(jnp.sum(own_tail), 1.0)
+  # One batched eigh gives each client's noise tail and its own subspace (the consensus
+  # candidates).
+  spectra = detect.client_spectra(x_n, rank)
+  own_tail = spectra.tail
   trim = functools.partial(
       detect.concentrate, x_n, active, rank=rank, max_steps=opts.max_trim_steps,
       threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,
       scale_floor=opts.scale_floor, fixed_scale=fixed_scale, own_tail=own_tail)
   h = detect.majority_size(active)
-  consensus_split = trim(detect.consensus_start(x_n, active, rank, _num_candidates(x_n, opts)))
+  consensus_split = trim(detect.consensus_start(x_n, active, rank, _num_candidates(x_n, opts),
+                                               own_left=spectra.left))
   unexplained = detect.unexplained_fraction(x_n, consensus_split.subspace)
   complement_split = trim(detect.smallest_mask(-unexplained, active, h))
   take_complement = ~detect.better_split(consensus_split, complement_split)
