@@ -202,34 +202,33 @@ def group_shrink(blocks, thresholds):
 
 
 def solve_decomposition(blocks, lam_low_rank, lam_sparse, opts):
-  """FISTA on (L, S), step 1/2, continuation ``c <- max(eta c, 1)`` and adaptive restart."""
+  """FISTA on ``L`` with ``S`` minimised out (step 1), continuation ``c <- max(eta c, 1)``
+  and adaptive restart; ``S = group_shrink(M - L)``."""
   dtype = blocks.dtype
   norms = np.sqrt(np.sum(blocks**2, (1, 2)))
   spectral = np.sqrt(scipy.linalg.eigvalsh(gram(blocks))[-1])
   tiny = np.finfo(dtype).tiny
   c = max(0.99 * min(spectral / max(lam_low_rank, tiny),
                      np.max(norms / np.maximum(lam_sparse, tiny))), 1.0)
-  low, sparse = np.zeros_like(blocks), np.zeros_like(blocks)
-  prev_low, prev_sparse = low, sparse
+  low = np.zeros_like(blocks)
+  prev_low = low
   t, step, residual = 1.0, 0, np.inf
   scale = max(np.sqrt(np.sum(blocks**2)), tiny)
   while step < opts["max_steps"] and not (residual < opts["tol"] and c <= 1.0):
     t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
     beta = (t - 1.0) / t_next
     y_low = low + beta * (low - prev_low)
-    y_sparse = sparse + beta * (sparse - prev_sparse)
-    half_gradient = 0.5 * (y_low + y_sparse - blocks)
-    new_low = svt_blocks(y_low - half_gradient, 0.5 * c * lam_low_rank).astype(dtype)
-    new_sparse = group_shrink(y_sparse - half_gradient, 0.5 * c * lam_sparse).astype(dtype)
-    residual = np.sqrt(np.sum((new_low - low) ** 2) + np.sum((new_sparse - sparse) ** 2)) / scale
-    against = (np.vdot(y_low - new_low, new_low - low)
-               + np.vdot(y_sparse - new_sparse, new_sparse - sparse)) > 0
-    prev_low, prev_sparse, low, sparse = low, sparse, new_low, new_sparse
+    svt_input = blocks - group_shrink(blocks - y_low, c * lam_sparse)
+    new_low = svt_blocks(svt_input, c * lam_low_rank).astype(dtype)
+    residual = np.sqrt(np.sum((new_low - low) ** 2)) / scale
+    against = np.vdot(y_low - new_low, new_low - low) > 0
+    prev_low, low = low, new_low
     t = 1.0 if against else t_next
     c = max(c * opts["continuation_factor"], 1.0)
     step += 1
     if not np.isfinite(residual):
       break
+  sparse = group_shrink(blocks - low, c * lam_sparse).astype(dtype)   # as sparse_part()
   return low, sparse, step
 
 

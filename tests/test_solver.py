@@ -69,7 +69,8 @@ def test_manual_steps_equal_solve(noisy):
   sol = clair_jax.solve_decomposition(blocks, lam_low_rank, lam_sparse, max_steps=7)
   assert int(sol.num_steps) == 7 == int(state.step)
   np.testing.assert_allclose(sol.low_rank, clair_jax.from_columns(state.low_rank), atol=1e-5)
-  np.testing.assert_allclose(sol.sparse, clair_jax.from_columns(state.sparse), atol=1e-5)
+  np.testing.assert_allclose(
+      sol.sparse, clair_jax.from_columns(solver.sparse_part(state, columns, lam_s)), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +127,29 @@ def test_accurate_ritz_values_resolve_small_singular_values():
   np.testing.assert_allclose(pairs.singular_values, spectrum, rtol=2e-5)
   np.testing.assert_allclose(np.abs(np.sum(np.asarray(pairs.vectors) * left[:, :width], 0)),
                              1.0, atol=1e-4)
+
+
+def test_power_steps_stop_when_their_rate_cannot_reach_the_tolerance():
+  # Singular values 1.0, 0.99, ..., a flat spectrum: the Ritz residuals of an 8-column
+  # basis fall by ~(s_9 / s_8)^2 ~ 0.98 per step, so 1e-9 is out of reach in 30 steps.
+  from clair_jax._src import subspace
+  rng = np.random.default_rng(4)
+  m, big_n, width = 64, 256, 8
+  left = np.linalg.qr(rng.normal(size=(m, m)))[0]
+  right = np.linalg.qr(rng.normal(size=(big_n, m)))[0]
+  x = jnp.asarray((left * (1.0 - 0.01 * np.arange(m))) @ right.T, jnp.float32)
+  basis = subspace.start_basis(m, width, jnp.float32)
+  error = lambda p: jnp.max(p.residuals)
+  never = lambda p: error(p) <= 1e-9
+  capped = subspace.subspace_iteration(x, basis, never, 30)
+  stopped = subspace.subspace_iteration(x, basis, never, 30, error=error, tol=1e-9)
+  assert int(capped.num_iters) == 30
+  assert 2 <= int(stopped.num_iters) < 10
+  # A reachable tolerance is still reached, though the largest residual stalls on the way
+  # (steps 8-10 here): the early stop judges the mean rate, not the last step's.
+  reachable = lambda p: error(p) <= 3e-2
+  reached = subspace.subspace_iteration(x, basis, reachable, 30, error=error, tol=3e-2)
+  assert float(error(reached)) <= 3e-2
 
 
 def test_subspace_solver_matches_svd_solver(wide):

@@ -148,9 +148,10 @@ def subspace_iteration(
     refine_below: threshold at which Ritz values must be accurate (see
       :func:`rayleigh_ritz`); ``None``: the ``eigh``'s are enough.
     error, tol: optional scalar error of the pairs that ``converged`` wants below ``tol``;
-      given both, the iteration also stops (unconverged) once the observed rate
-      ``e_t / e_{t-1}`` cannot bring ``e`` below ``tol`` in the steps left: the caller's
-      fallback is then cheaper than more steps.
+      given both, the iteration also stops (unconverged) once the mean observed rate
+      ``(e_t / e_1)^(1 / (t - 1))`` cannot bring ``e`` below ``tol`` in the steps left:
+      the caller's fallback is then cheaper than more steps. (The mean over all steps,
+      since the largest residual can stall for a step or two and then fall again.)
 
   Returns:
     :class:`RitzPairs` of the last step.
@@ -158,23 +159,25 @@ def subspace_iteration(
   pairs = rayleigh_ritz(stacked, basis, refine_below)
   error = (lambda _: jnp.asarray(0.0, pairs.residuals.dtype)) if error is None else error
 
-  def hopeless(pairs, previous_error):
+  def hopeless(pairs, first_error):
     if tol is None:
       return jnp.asarray(False)
     current = error(pairs)
-    rate = current / jnp.maximum(previous_error, jnp.finfo(current.dtype).tiny)
+    steps_taken = jnp.maximum(pairs.num_iters - 1, 1).astype(current.dtype)
+    ratio = current / jnp.maximum(first_error, jnp.finfo(current.dtype).tiny)
+    rate = ratio ** (1.0 / steps_taken)
     steps_left = (max_iters - pairs.num_iters).astype(current.dtype)
     return (pairs.num_iters >= 2) & ((rate >= 1.0) | (current * rate**steps_left > tol))
 
   def cond(carry):
-    pairs, previous_error = carry
+    pairs, first_error = carry
     return ((pairs.num_iters < max_iters) & ~converged(pairs)
-            & ~hopeless(pairs, previous_error))
+            & ~hopeless(pairs, first_error))
 
   def body(carry):
-    pairs, _ = carry
+    pairs, first_error = carry
     pairs_next = rayleigh_ritz(stacked, pairs.next_basis, refine_below)
-    return pairs_next._replace(num_iters=pairs.num_iters + 1), error(pairs)
+    return pairs_next._replace(num_iters=pairs.num_iters + 1), first_error
 
   return jax.lax.while_loop(cond, body, (pairs, error(pairs)))[0]
 
