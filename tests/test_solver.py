@@ -36,6 +36,18 @@ def test_converges_and_separates(noisy, svt_method):
   assert int(sol.num_steps) < sol.max_steps and float(sol.residual) < 1e-4
   sparse_norms = np.linalg.norm(np.asarray(sol.sparse), axis=(1, 2))
   np.testing.assert_array_equal(sparse_norms > 0, problem.contaminated)
+  # Fixed point of the joint problem (the solver minimises S out and iterates on L):
+  # L = SVT_{lam_L}(M - S) and S_k = prox_{lam_S ||.||_F}(M_k - L_k), to the solver's tol.
+  blocks = np.asarray(problem.updates, np.float64)
+  low_rank, sparse = np.asarray(sol.low_rank, np.float64), np.asarray(sol.sparse, np.float64)
+  stack = lambda x: np.transpose(x, (1, 0, 2)).reshape(x.shape[1], -1)   # float64
+  left, singular_values, right_t = np.linalg.svd(stack(blocks - sparse), full_matrices=False)
+  svt = (left * np.maximum(singular_values - lam_low_rank, 0.0)) @ right_t
+  scale = np.linalg.norm(blocks)
+  assert np.linalg.norm(stack(low_rank) - svt) < 1e-4 * scale
+  residual_norms = np.linalg.norm(blocks - low_rank, axis=(1, 2))
+  shrink = np.maximum(1.0 - lam_sparse / residual_norms, 0.0)[:, None, None]
+  assert np.linalg.norm(sparse - shrink * (blocks - low_rank)) < 1e-4 * scale
   # Optimality (to solver tolerance): small perturbations do not lower the objective.
   base = objective(problem.updates, sol.low_rank, sol.sparse, lam_low_rank, lam_sparse)
   rng = np.random.default_rng(0)
