@@ -19,6 +19,7 @@ from clair_jax._src.solver import STATUS_NAMES
 from clair_jax._src.solver import decomposition_step
 from clair_jax._src.solver import init_decomposition
 from clair_jax._src.solver import solve_decomposition
+from clair_jax._src.solver import sparse_part
 from clair_jax._src.solver import svt_blocks
 from clair_jax._src.subspace import fit_subspace
 from clair_jax._src.subspace import from_columns
@@ -54,6 +55,7 @@ __all__ = (
     "prox_nuclear_gram",
     "safe_norm",
     "solve_decomposition",
+    "sparse_part",
     "svt_blocks",
     "to_columns",
     "from_columns",

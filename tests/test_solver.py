@@ -82,7 +82,7 @@ def test_manual_steps_equal_solve(noisy):
   assert int(sol.num_steps) == 7 == int(state.step)
   np.testing.assert_allclose(sol.low_rank, clair_jax.from_columns(state.low_rank), atol=1e-5)
   np.testing.assert_allclose(
-      sol.sparse, clair_jax.from_columns(solver.sparse_part(state, columns, lam_s)), atol=1e-5)
+      sol.sparse, clair_jax.from_columns(clair_jax.sparse_part(state, columns, lam_s)), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
