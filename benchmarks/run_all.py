@@ -395,7 +395,7 @@ def render(report, png_name, quick):
       "problem is 4096 x 8192 (p = min(m, K q) = m) and L holds ~9% of m directions (the "
       "shrunk residuals of the contaminated clients; 88 of 1024 measured at K=128); "
       "the solver's SVT runs the "
-      "warm-started subspace iteration on a 512-column basis (min(m/4, 512)), the trimming "
+      "warm-started subspace iteration on a 512-column basis (min(m/8, 512)), the trimming "
       "fits on a narrow one (a full 4096 x 4096 eigh takes ~18 s on these cores). A K "
       "missing below did not finish in the regenerating run.",
       "",

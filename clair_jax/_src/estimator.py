@@ -53,7 +53,7 @@ class ClairOptions(NamedTuple):
     tol, max_steps, continuation_factor, svt_method, svt_width: convex solver settings,
       see :func:`clair_jax.solve_decomposition` (``svt_width``: columns of the
       warm-started SVT basis; it must exceed ``4/3`` of the rank of ``L``; default 32
-      below ``m = 512``, else ``min(m / 4, 512)``).
+      below ``m = 512``, else ``min(m / 8, 512)``).
     side: ``"left"`` shares the column space (``m`` side, ``U`` is ``m x r``); ``"right"``
       shares the row space (each update is transposed, ``U`` is ``n x r``).
     contaminated_output: ``"keep"`` returns flagged clients as sent; ``"project"`` projects
