@@ -278,6 +278,7 @@ def clair_numpy(updates, rank, **options) -> ReferenceResult:
   split = robust if better_split(robust, convex) else convex   # ties -> robust, as in JAX
   contaminated = ~(split.benign & active)
   u = split.subspace
-  projected = np.einsum("mr,krn->kmn", u, np.einsum("mr,kmn->krn", u, x, optimize=True), optimize=True)
+  coefficients = np.einsum("mr,kmn->krn", u, x, optimize=True)
+  projected = np.einsum("mr,krn->kmn", u, coefficients, optimize=True)
   refined = np.where(contaminated[:, None, None], updates, projected)
   return ReferenceResult(contaminated, u, refined, steps)

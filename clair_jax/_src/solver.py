@@ -192,6 +192,7 @@ def svt_warm(
   if method not in ("auto", "subspace") or width == 0:
     return _full_svt(x, threshold, method, gather, width)
   limit = width - _saturation_guard(width)
+  exact_svt = lambda x: _full_svt(x, threshold, method, gather, width)
 
   def saturated(pairs):
     return jnp.sum(pairs.singular_values > threshold) > limit
@@ -218,11 +219,9 @@ def svt_warm(
       return WarmSvt(value, pairs.next_basis, jnp.asarray(False))
 
     accept = converged(pairs) & ~saturated(pairs)
-    return jax.lax.cond(accept, from_pairs,
-                        lambda x: _full_svt(x, threshold, method, gather, width), x)
+    return jax.lax.cond(accept, from_pairs, exact_svt, x)
 
-  return jax.lax.cond(exact, lambda x: _full_svt(x, threshold, method, gather, width),
-                      warm, x)
+  return jax.lax.cond(exact, exact_svt, warm, x)
 
 
 def basis_width(shape: tuple[int, int, int], method: str = "auto",

@@ -10,7 +10,7 @@ import numpy as np
 
 
 def stack_clients(updates: jax.Array) -> jax.Array:
-  """Stacks client blocks side by side: ``(K, m, n) -> M = [D_1, ..., D_K]`` of shape ``(m, K*n)``."""
+  """Stacks client blocks side by side: ``(K, m, n) -> M = [D_1, ..., D_K]``, ``(m, K*n)``."""
   num_clients, m, n = updates.shape
   return jnp.transpose(updates, (1, 0, 2)).reshape(m, num_clients * n)
 
