@@ -24,8 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from clair_jax._src.subspace import fit_subspace_and_basis
-from clair_jax._src.subspace import project_onto_subspace
+from clair_jax._src.subspace import fit_columns
+from clair_jax._src.subspace import subspace_coefficients
 
 # Consistency constant turning a median absolute deviation into a Gaussian std.
 MAD_TO_STD = 1.4826
@@ -67,15 +67,50 @@ def majority_size(active: jax.Array) -> jax.Array:
   return jnp.sum(active) // 2 + 1
 
 
-def residual_norms(updates: jax.Array, subspace: jax.Array) -> jax.Array:
-  """Off-subspace residual ``||(I - U U^T) D_k||_F`` for each client, ``(K,)``."""
-  return jnp.sqrt(jnp.sum((updates - project_onto_subspace(updates, subspace)) ** 2, (1, 2)))
+class Clients(NamedTuple):
+  """The normalised client data that every detection step reads, prepared once.
+
+  The updates are kept in the column layout ``(m, K, n)``
+  (:func:`clair_jax._src.subspace.to_columns`): a fit, a projection or a residual is then
+  one GEMM over all clients, with no per-step copy or transpose, and clients sharded on
+  ``K`` stay in place.
+  """
+
+  columns: jax.Array          # (m, K, n) normalised updates, inactive clients zero
+  active: jax.Array           # (K,) bool, finite clients
+  energy: jax.Array           # (K,) ||D_k||_F^2
+  own_tail: jax.Array | None  # (K,) spectral tail beyond rank r (client_spectra), or None
 
 
-def unexplained_fraction(updates: jax.Array, subspace: jax.Array) -> jax.Array:
-  """``||(I - U U^T) D_k||_F^2 / ||D_k||_F^2`` (0 for a zero block), ``(K,)``."""
-  energy = jnp.sum(updates**2, (1, 2))
-  explained = jnp.sum(jnp.einsum("mr,kmn->krn", subspace, updates) ** 2, (1, 2))
+def prepare_clients(columns: jax.Array, active: jax.Array,
+                    own_tail: jax.Array | None = None) -> Clients:
+  """:class:`Clients` from the column layout (inactive clients already zeroed)."""
+  return Clients(columns, active, jnp.sum(columns**2, axis=(0, 2)), own_tail)
+
+
+def residual_norms(columns: jax.Array, subspace: jax.Array,
+                   coefficients: jax.Array | None = None) -> jax.Array:
+  """Off-subspace residual ``||(I - U U^T) D_k||_F`` for each client, ``(K,)``.
+
+  ``columns`` is the column layout ``(m, K, n)``; ``coefficients`` optionally the
+  :func:`clair_jax._src.subspace.subspace_coefficients` ``U^T D_k`` already computed.
+  """
+  if coefficients is None:
+    coefficients = subspace_coefficients(columns, subspace)
+  projected = jnp.tensordot(subspace, coefficients, axes=(1, 0))
+  return jnp.sqrt(jnp.sum((columns - projected) ** 2, axis=(0, 2)))
+
+
+def unexplained_fraction(columns: jax.Array, subspace: jax.Array,
+                         coefficients: jax.Array | None = None,
+                         energy: jax.Array | None = None) -> jax.Array:
+  """``||(I - U U^T) D_k||_F^2 / ||D_k||_F^2`` (0 for a zero block), ``(K,)``, from the
+  column layout (see :func:`residual_norms`)."""
+  if energy is None:
+    energy = jnp.sum(columns**2, axis=(0, 2))
+  if coefficients is None:
+    coefficients = subspace_coefficients(columns, subspace)
+  explained = jnp.sum(coefficients**2, axis=(0, 2))
   return jnp.where(energy > 0, 1.0 - explained / jnp.where(energy > 0, energy, 1.0), 0.0)
 
 
@@ -126,19 +161,18 @@ def own_subspaces(blocks: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
 
 
 def consensus_start(
-    updates: jax.Array, active: jax.Array, rank: int, num_candidates: int,
-    own_left: jax.Array | None = None,
+    clients: Clients, rank: int, num_candidates: int, own_left: jax.Array | None = None,
 ) -> jax.Array:
   """Benign set proposed by the single-client subspace that explains the most clients.
 
   Candidate ``j`` is the top-``rank`` left singular subspace of client ``j``'s block (of
   ``ceil(rank / n)`` consecutive clients when ``n < rank``; see :func:`own_subspaces`).
   Its cost is the sum of the ``h`` smallest unexplained fractions over active clients;
-  the best candidate's ``h`` best-explained clients are returned.
+  the best candidate's ``h`` best-explained clients are returned. Every candidate's
+  fractions come from one GEMM (``C r x m`` against the stacked updates).
 
   Args:
-    updates: ``(K, m, n)`` normalised updates, inactive clients zeroed.
-    active: ``(K,)`` bool.
+    clients: :class:`Clients` (normalised, inactive clients zeroed).
     rank: subspace dimension.
     num_candidates: how many clients (evenly spaced) propose a subspace.
     own_left: optional ``(K, m, rank)`` every client's own top subspace (from
@@ -147,22 +181,28 @@ def consensus_start(
   Returns:
     ``(K,)`` bool benign mask of size ``h``.
   """
-  num_clients, m, n = updates.shape
+  columns, active = clients.columns, clients.active
+  m, num_clients, n = columns.shape
   group = math.ceil(rank / n)
   candidate_ids = jnp.round(jnp.linspace(0, num_clients - 1, num_candidates)).astype(jnp.int32)
   offsets = jnp.arange(group)
   members = (candidate_ids[:, None] + offsets[None, :]) % num_clients  # (C, group)
   if group == 1:
     if own_left is None:
-      own_left = own_subspaces(updates, rank)[1]
+      own_left = own_subspaces(jnp.transpose(columns, (1, 0, 2)), rank)[1]
     # Every client proposing: no gather, so clients sharded on axis 0 stay in place.
     subspaces = own_left if num_candidates == num_clients else own_left[candidate_ids]
   else:
-    proposals = jnp.transpose(updates[members], (0, 2, 1, 3)).reshape(
+    proposals = jnp.transpose(columns[:, members], (1, 0, 2, 3)).reshape(
         num_candidates, m, group * n)
     subspaces = own_subspaces(proposals, rank)[1]                      # (C, m, r)
   h = majority_size(active)
-  fractions = jax.vmap(lambda u: unexplained_fraction(updates, u))(subspaces)  # (C, K)
+  width = subspaces.shape[2]
+  stacked = jnp.transpose(subspaces, (1, 0, 2)).reshape(m, num_candidates * width)
+  explained = jnp.sum(subspace_coefficients(columns, stacked) ** 2, axis=2)  # (C r, K)
+  explained = jnp.sum(explained.reshape(num_candidates, width, num_clients), axis=1)
+  energy = clients.energy[None, :]
+  fractions = jnp.where(energy > 0, 1.0 - explained / jnp.where(energy > 0, energy, 1.0), 0.0)
   costs = jax.vmap(lambda f: smallest_sum(f, active, h))(fractions)
   costs = jnp.where(jnp.all(active[members], axis=1), costs, jnp.inf)
   best = jnp.argmin(costs)
@@ -191,7 +231,7 @@ def client_spectra(updates: jax.Array, rank: int) -> ClientSpectra:
   return ClientSpectra(jnp.maximum(tail, 0.0), left)
 
 
-def count_unsupported(updates, benign, subspace, own_tail, floor):
+def count_unsupported(columns, benign, subspace, own_tail, floor, coefficients=None):
   r"""How many clients of the ``benign`` set hold no significant signal in ``subspace``.
 
   Counting clients, not energy, is what lets a benign majority win against a coherent
@@ -202,15 +242,18 @@ def count_unsupported(updates, benign, subspace, own_tail, floor):
   spectral tail, at least ``floor^2 / (m n)``), a client is supported when its in-subspace
   energy is 4 standard deviations above pure noise:
   :math:`\|U^\top D_k\|_F^2 > \hat\sigma_k^2 (r n + 4\sqrt{2 r n})`.
-  Returns 0 when there is no spectral tail (``n <= r``).
+  Returns 0 when there is no spectral tail (``n <= r``). ``columns``: the column layout
+  ``(m, K, n)``; ``coefficients``: ``U^T D_k`` if already computed.
   """
   if own_tail is None:
     return jnp.asarray(0, jnp.int32)
-  _, m, n = updates.shape
+  m, _, n = columns.shape
   rank = subspace.shape[1]
   noise_variance = jnp.maximum(own_tail / ((m - rank) * (n - rank)), floor**2 / (m * n))
   dof = rank * n
-  energy = jnp.sum(jnp.einsum("mr,kmn->krn", subspace, updates) ** 2, axis=(1, 2))
+  if coefficients is None:
+    coefficients = subspace_coefficients(columns, subspace)
+  energy = jnp.sum(coefficients**2, axis=(0, 2))
   supported = energy > noise_variance * (dof + 4.0 * jnp.sqrt(2.0 * dof))
   return jnp.sum(benign & ~supported).astype(jnp.int32)
 
@@ -242,8 +285,7 @@ def robust_threshold(scores, benign, threshold_ratio, mad_multiplier):
 
 
 def score_split(
-    updates: jax.Array,
-    active: jax.Array,
+    clients: Clients,
     benign: jax.Array,
     rank: int,
     *,
@@ -251,7 +293,6 @@ def score_split(
     mad_multiplier: float,
     scale_floor: float,
     fixed_scale: jax.Array | None = None,
-    own_tail: jax.Array | None = None,
     basis: jax.Array | None = None,
     fit_method: str = "auto",
 ) -> Split:
@@ -273,12 +314,16 @@ def score_split(
   when it is at most 1. At least a majority ``h`` of active clients is kept (the ``h``
   lowest scores), since a contaminated majority is not identifiable. ``fixed_scale``
   replaces the benign median residual (a known noise level). ``basis`` warm-starts an
-  iterative fit (:func:`clair_jax._src.subspace.fit_subspace_and_basis`, ``fit_method``).
+  iterative fit (:func:`clair_jax._src.subspace.fit_columns`, ``fit_method``). The
+  structure test needs ``clients.own_tail`` (it is skipped when that is ``None``).
   """
-  subspace, next_basis = fit_subspace_and_basis(updates, benign, rank, fit_method, basis)
+  columns, active, own_tail = clients.columns, clients.active, clients.own_tail
+  subspace, next_basis = fit_columns(columns, benign, rank, fit_method, basis)
   if next_basis is None:
-    next_basis = jnp.zeros((updates.shape[1], 0), updates.dtype)
-  residuals = residual_norms(updates, subspace)
+    next_basis = jnp.zeros((columns.shape[0], 0), columns.dtype)
+  # U^T D_k once: the residuals, the objective and the support count all need it.
+  coefficients = subspace_coefficients(columns, subspace)
+  residuals = residual_norms(columns, subspace, coefficients)
   if fixed_scale is None:
     scale = jnp.maximum(masked_median(residuals, benign), scale_floor)
   else:
@@ -291,11 +336,11 @@ def score_split(
     structure_scores = jnp.zeros_like(residual_scores)
     structure_threshold = jnp.asarray(jnp.inf, residuals.dtype)
   else:
-    _, _, n = updates.shape
+    n = columns.shape[2]
     # A client whose own update has rank <= r (a LoRA adapter of rank <= r, noiseless
     # data) has no spectral tail, so its own noise level is unknown: the structure test
     # abstains for it (score 0) and it does not enter the test's median and spread.
-    has_tail = own_tail > TAIL_FRACTION_FLOOR * jnp.sum(updates**2, axis=(1, 2))
+    has_tail = own_tail > TAIL_FRACTION_FLOOR * clients.energy
     expected = jnp.maximum(jnp.sqrt(own_tail * n / (n - rank)), scale_floor)
     structure = jnp.where(has_tail, residuals / expected, 0.0)
     reference = benign & has_tail
@@ -307,16 +352,17 @@ def score_split(
   h = majority_size(active)
   new_benign = active & (scores <= 1.0)
   new_benign = jnp.where(jnp.sum(new_benign) >= h, new_benign, smallest_mask(scores, active, h))
-  objective = smallest_sum(unexplained_fraction(updates, subspace), active, h)
-  unsupported = count_unsupported(updates, new_benign, subspace, own_tail, scale_floor)
+  unexplained = unexplained_fraction(columns, subspace, coefficients, clients.energy)
+  objective = smallest_sum(unexplained, active, h)
+  unsupported = count_unsupported(columns, new_benign, subspace, own_tail, scale_floor,
+                                  coefficients)
   return Split(new_benign, subspace, scores, residual_scores, structure_scores,
                jnp.stack([residual_threshold, structure_threshold]), scale, unsupported,
                objective, jnp.asarray(0, jnp.int32), next_basis)
 
 
 def concentrate(
-    updates: jax.Array,
-    active: jax.Array,
+    clients: Clients,
     start: jax.Array,
     rank: int,
     *,
@@ -325,7 +371,6 @@ def concentrate(
     mad_multiplier: float,
     scale_floor: float,
     fixed_scale: jax.Array | None = None,
-    own_tail: jax.Array | None = None,
     fit_method: str = "auto",
 ) -> Split:
   """C-steps from ``start`` until the benign set stops changing (or ``max_steps``).
@@ -335,10 +380,9 @@ def concentrate(
   one when ``fit_method`` is ``"auto"`` (iterative for large ``m``) or ``"iterative"``.
   """
   score = lambda benign, basis: score_split(
-      updates, active, benign, rank, threshold_ratio=threshold_ratio,
+      clients, benign, rank, threshold_ratio=threshold_ratio,
       mad_multiplier=mad_multiplier, scale_floor=scale_floor, fixed_scale=fixed_scale,
-      own_tail=own_tail, basis=basis if basis is not None and basis.shape[1] else None,
-      fit_method=fit_method)
+      basis=basis if basis is not None and basis.shape[1] else None, fit_method=fit_method)
   first = score(start, None)
   state = (jnp.asarray(1, jnp.int32), start, first)
 

@@ -16,6 +16,7 @@ from clair_jax._src import validate
 from clair_jax._src.prox import safe_norm
 from clair_jax._src.subspace import project_onto_subspace
 from clair_jax._src.subspace import stack_clients
+from clair_jax._src.subspace import to_columns
 
 # Where the benign set came from (see ClairResult.start).
 START_CONVEX = 0
@@ -304,8 +305,9 @@ def _num_candidates(x_n, opts: ClairOptions) -> int:
 
 def _robust_split(x_n, active, rank, opts: ClairOptions):
   """Consensus start + trimming (residual test only); used to pick the rank."""
+  clients = detect.prepare_clients(to_columns(x_n), active)
   return detect.concentrate(
-      x_n, active, detect.consensus_start(x_n, active, rank, _num_candidates(x_n, opts)), rank,
+      clients, detect.consensus_start(clients, rank, _num_candidates(x_n, opts)), rank,
       max_steps=opts.max_trim_steps, threshold_ratio=opts.threshold_ratio,
       mad_multiplier=opts.mad_multiplier, scale_floor=opts.scale_floor)
 
@@ -338,15 +340,17 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   # One batched eigh gives each client's noise tail and its own subspace (the consensus
   # candidates).
   spectra = detect.client_spectra(x_n, rank)
-  own_tail = spectra.tail
+  # Every later step reads the column layout (m, K, n): one transpose, here.
+  clients = detect.prepare_clients(to_columns(x_n), active, spectra.tail)
   trim = functools.partial(
-      detect.concentrate, x_n, active, rank=rank, max_steps=opts.max_trim_steps,
+      detect.concentrate, clients, rank=rank, max_steps=opts.max_trim_steps,
       threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,
-      scale_floor=opts.scale_floor, fixed_scale=fixed_scale, own_tail=own_tail)
+      scale_floor=opts.scale_floor, fixed_scale=fixed_scale)
   h = detect.majority_size(active)
-  consensus_split = trim(detect.consensus_start(x_n, active, rank, _num_candidates(x_n, opts),
+  consensus_split = trim(detect.consensus_start(clients, rank, _num_candidates(x_n, opts),
                                                own_left=spectra.left))
-  unexplained = detect.unexplained_fraction(x_n, consensus_split.subspace)
+  unexplained = detect.unexplained_fraction(clients.columns, consensus_split.subspace,
+                                            energy=clients.energy)
   complement_split = trim(detect.smallest_mask(-unexplained, active, h))
   take_complement = ~detect.better_split(consensus_split, complement_split)
   robust_split = detect.select_split(consensus_split, complement_split)

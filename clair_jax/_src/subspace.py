@@ -52,7 +52,8 @@ class RitzPairs(NamedTuple):
 
 
 def rayleigh_ritz(stacked: jax.Array, basis: jax.Array,
-                  refine_below: jax.Array | None = None) -> RitzPairs:
+                  refine_below: jax.Array | None = None,
+                  column_mask: jax.Array | None = None) -> RitzPairs:
   r"""Ritz pairs of ``G = X X^T`` on ``range(basis)`` without forming ``G``.
 
   .. math::
@@ -68,8 +69,14 @@ def rayleigh_ritz(stacked: jax.Array, basis: jax.Array,
   where that is coarse at ``t`` (``eps (s_1 / t)^2 > 1e-4``), ``W`` and ``sqrt(Theta)``
   are taken from :func:`accurate_rotation` instead (to ``eps s_1``): a solver thresholding
   at ``t`` needs them (see :func:`clair_jax._src.solver.svt_warm`).
+
+  ``column_mask`` (0/1, of ``stacked``'s rank with a leading 1, e.g. ``(1, K, 1)`` for
+  clients in the column layout) restricts ``X`` to the masked columns, ``G = X W X^T``,
+  without copying ``X``: ``B = Q^T X W`` and ``G Q = X B^T``.
   """
   coefficients = jnp.tensordot(basis, stacked, axes=(0, 0))            # (s, ...)
+  if column_mask is not None:
+    coefficients = coefficients * column_mask
   theta, rotation = jnp.linalg.eigh(gram_of(coefficients))
   theta, rotation = jnp.maximum(theta[::-1], 0.0), rotation[:, ::-1]
   if refine_below is not None:
@@ -130,6 +137,7 @@ def subspace_iteration(
     refine_below: jax.Array | None = None,
     error: Callable[[RitzPairs], jax.Array] | None = None,
     tol: float | jax.Array | None = None,
+    column_mask: jax.Array | None = None,
 ) -> RitzPairs:
   """Warm-started block power iteration with Rayleigh-Ritz, until ``converged(pairs)``.
 
@@ -152,11 +160,12 @@ def subspace_iteration(
       ``(e_t / e_1)^(1 / (t - 1))`` cannot bring ``e`` below ``tol`` in the steps left:
       the caller's fallback is then cheaper than more steps. (The mean over all steps,
       since the largest residual can stall for a step or two and then fall again.)
+    column_mask: optional 0/1 mask of the columns of ``X`` (see :func:`rayleigh_ritz`).
 
   Returns:
     :class:`RitzPairs` of the last step.
   """
-  pairs = rayleigh_ritz(stacked, basis, refine_below)
+  pairs = rayleigh_ritz(stacked, basis, refine_below, column_mask)
   error = (lambda _: jnp.asarray(0.0, pairs.residuals.dtype)) if error is None else error
 
   def hopeless(pairs, first_error):
@@ -176,7 +185,7 @@ def subspace_iteration(
 
   def body(carry):
     pairs, first_error = carry
-    pairs_next = rayleigh_ritz(stacked, pairs.next_basis, refine_below)
+    pairs_next = rayleigh_ritz(stacked, pairs.next_basis, refine_below, column_mask)
     return pairs_next._replace(num_iters=pairs.num_iters + 1), first_error
 
   return jax.lax.while_loop(cond, body, (pairs, error(pairs)))[0]
@@ -254,38 +263,59 @@ def fit_subspace_and_basis(
     basis: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
   """:func:`fit_subspace` plus the warm start for the next iterative fit (``None`` if none)."""
-  num_clients, m, n = updates.shape
+  if mask is not None:
+    # (where, not a product: clients outside the mask may hold NaN/Inf)
+    updates = jnp.where(mask[:, None, None], updates, 0)
+  return fit_columns(to_columns(updates), None, rank, method, basis)
+
+
+def fit_columns(
+    columns: jax.Array, mask: jax.Array | None, rank: int, method: str = "auto",
+    basis: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+  """:func:`fit_subspace_and_basis` on the column layout ``(m, K, n)`` (:func:`to_columns`).
+
+  ``mask`` weights the products of the iterative path (:func:`rayleigh_ritz`'s
+  ``column_mask``), so the data are neither copied nor transposed per fit; every column
+  must be finite (a masked-out NaN would still enter ``Q^T X``).
+  """
+  m, num_clients, n = columns.shape
   if method not in FIT_METHODS:
     raise ValueError(f"method must be one of {FIT_METHODS}; got {method!r}")
-  if mask is not None:
-    updates = jnp.where(mask[:, None, None], updates, 0)
   if method == "auto":
     iterative = basis is not None or use_iterative(m, num_clients * n, rank)
     method = "iterative" if iterative else "gram"
+  column_mask = None if mask is None else mask[None, :, None].astype(columns.dtype)
 
-  columns = to_columns(updates)
+  def masked(columns):
+    return columns if column_mask is None else columns * column_mask
 
   def by_gram(columns):
-    _, vectors = jnp.linalg.eigh(gram_of(columns))
+    _, vectors = jnp.linalg.eigh(gram_of(masked(columns)))
     return vectors[:, ::-1]
 
   if method == "gram":
     return by_gram(columns)[:, :rank], None
   if method == "svd":
-    left, _, _ = jnp.linalg.svd(stack_clients(updates), full_matrices=False)
+    left, _, _ = jnp.linalg.svd(masked(columns).reshape(m, -1), full_matrices=False)
     return left[:, :rank], None
   if basis is None:
-    basis = start_basis(m, fit_width(m, num_clients * n, rank), updates.dtype)
+    basis = start_basis(m, fit_width(m, num_clients * n, rank), columns.dtype)
   if basis.shape[0] != m or not rank <= basis.shape[1]:
     raise ValueError(f"basis must be (m, s) = ({m}, s >= {rank}); got {basis.shape}")
   converged = lambda pairs: jnp.max(pairs.residuals[:rank]) <= FIT_TOL
-  pairs = subspace_iteration(columns, basis, converged, FIT_MAX_ITERS)
+  pairs = subspace_iteration(columns, basis, converged, FIT_MAX_ITERS, column_mask=column_mask)
   # Not converged (tiny eigen-gap, or a start orthogonal to the answer): exact fallback.
   width = basis.shape[1]
   vectors, next_basis = jax.lax.cond(
       converged(pairs), lambda _: (pairs.vectors, pairs.next_basis),
       lambda c: (lambda v: (v, v))(by_gram(c)[:, :width]), columns)
   return vectors[:, :rank], next_basis
+
+
+def subspace_coefficients(columns: jax.Array, subspace: jax.Array) -> jax.Array:
+  """``U^T X_k`` for every client, ``(r, K, n)``, from the column layout (one GEMM)."""
+  return jnp.tensordot(subspace, columns, axes=(0, 0))
 
 
 def project_onto_subspace(updates: jax.Array, subspace: jax.Array) -> jax.Array:
