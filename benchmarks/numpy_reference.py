@@ -22,6 +22,7 @@ import numpy as np
 import scipy.linalg
 
 MAD_TO_STD = 1.4826
+NOISE_EDGE_MARGIN = 1.1   # lambda_L above the noise edge, as clair_jax's estimator
 
 
 def masked_median(values, mask):
@@ -268,7 +269,7 @@ def clair_numpy(updates, rank, **options) -> ReferenceResult:
   robust = consensus if better_split(consensus, complement) else complement
   scale = max(robust.scale, opts["convex_floor"])
   sigma = scale / np.sqrt(dof)
-  lam_low_rank = sigma * (np.sqrt(m) + np.sqrt(active.sum() * n))
+  lam_low_rank = NOISE_EDGE_MARGIN * sigma * (np.sqrt(m) + np.sqrt(active.sum() * n))
   lam_sparse = opts["threshold_ratio"] * scale * active.astype(np.float32)
   _, sparse, steps = solve_decomposition(x_n, lam_low_rank, lam_sparse, opts)
   sparse_norms = np.sqrt(np.sum(sparse**2, (1, 2)))

@@ -228,6 +228,12 @@ def test_iterative_fit_matches_gram_and_svd():
   for method in ("gram", "iterative", "auto"):
     np.testing.assert_allclose(projector(clair_jax.fit_subspace(x, mask, 3, method)), by_svd,
                                atol=1e-4)
+  # In the column layout the mask weights the products instead of zeroing a copy; the
+  # masked-out (random) clients must not enter any fit.
+  columns = clair_jax.to_columns(x)
+  for method in ("gram", "svd", "iterative"):
+    in_place, _ = subspace.fit_columns(columns, mask, 3, method)
+    np.testing.assert_allclose(projector(in_place), by_svd, atol=1e-4)
   # Warm start: the returned basis starts the next fit, which then needs one step.
   fitted, basis = subspace.fit_subspace_and_basis(x, mask, 3, "iterative")
   pairs = subspace.subspace_iteration(clair_jax.to_columns(x * mask[:, None, None]), basis,
@@ -237,3 +243,31 @@ def test_iterative_fit_matches_gram_and_svd():
   np.testing.assert_allclose(projector(pairs.vectors[:, :3]), projector(fitted), atol=1e-5)
   with pytest.raises(ValueError, match="method"):
     clair_jax.fit_subspace(x, mask, 3, "qr")
+
+
+def test_nuclear_weight_keeps_noise_directions_out_of_the_low_rank_part():
+  """The default lambda_L sits 10% above the noise edge sigma (sqrt(m) + sqrt(K n)).
+
+  Contaminated blocks clipped to norm lambda_S lift the edge of the SVT input's noise
+  spectrum; at the edge itself a handful of pure-noise directions enter L (with tiny
+  shrink factors), above it L holds the signal alone: the benign and the coherent
+  group's subspaces, 2 r directions.
+  """
+  rng = np.random.default_rng(0)
+  num_clients, m, n, rank = 32, 64, 16, 4
+  problem = make_problem(num_clients=num_clients, m=m, n=n, rank=rank, fraction=0.2,
+                         attack="coherent", noise=0.05, seed=3)
+  updates = problem.updates.copy()
+  random_ids = np.flatnonzero(problem.contaminated)[::2]   # half the group: random blocks
+  typical = np.median(np.linalg.norm(problem.truth, axis=(1, 2)))
+  updates[random_ids] = rng.normal(size=(len(random_ids), m, n)) * typical / np.sqrt(m * n)
+  rank_of = lambda r: np.linalg.matrix_rank(
+      np.asarray(clair_jax.stack_clients(r.low_rank), np.float64),
+      tol=1e-3 * float(np.abs(r.low_rank).max()))
+  result = clair_jax.clair(jnp.asarray(updates), rank)
+  np.testing.assert_array_equal(result.contaminated, problem.contaminated)
+  assert rank_of(result) == 2 * rank
+  edge = clair_jax.clair(jnp.asarray(updates), rank,
+                         lam_low_rank=float(result.lam_low_rank) / 1.1)
+  assert rank_of(edge) > 2 * rank
+  np.testing.assert_array_equal(edge.contaminated, problem.contaminated)

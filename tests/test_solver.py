@@ -120,6 +120,16 @@ def test_subspace_svt_matches_exact_and_falls_back_when_saturated(wide):
   # After a saturated step the solver asks for the exact SVT directly: same value.
   out_exact = solver.svt_warm(x, low, cold, "subspace", exact=True).value
   np.testing.assert_allclose(out_exact, out_low, atol=1e-5)
+  # The exact SVT applies the kept directions with two thin GEMMs when the basis holds
+  # them (3 and 14 of 16 here), with the m x m projector when it does not (30, above);
+  # 14 is more than the basis may hold at the next step (16 - 4): saturated.
+  for kept in (3, 14):
+    threshold = 0.5 * float(spectrum[kept - 1] + spectrum[kept])
+    thin = solver.svt_warm(x, threshold, cold, "subspace", exact=True)
+    np.testing.assert_allclose(thin.value, solver.svt_warm(x, threshold, None, "svd").value,
+                               atol=1e-4)
+    assert bool(thin.saturated) == (kept > 12)
+    assert np.linalg.matrix_rank(np.asarray(thin.value), tol=1e-3) == kept
 
 
 def test_accurate_ritz_values_resolve_small_singular_values():

@@ -19,7 +19,8 @@ never exists. The cost drops from ``O(m^2 K n)`` per iteration to ``O(p^2 K q')`
 
 The one place where the shapes enter beyond norms is the noise model: the noise level per
 entry is ``sigma = median residual / sqrt((m - r) n)`` and the nuclear weight is
-``sigma (sqrt(m) + sqrt(K n))``, the spectral norm of i.i.d. ``m x K n`` noise. A LoRA
+``1.1 sigma (sqrt(m) + sqrt(K n))``, just above the spectral norm of i.i.d. ``m x K n``
+noise. A LoRA
 update's noise is not i.i.d. over ``m x n``: it has rank ``q`` and lives in the
 ``p x K q'`` reduced coordinates, where the same formula with ``(p, q')`` is the calibrated
 one. With the dense ``(m, n)`` the nuclear threshold falls far below the noise spectrum
