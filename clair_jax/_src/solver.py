@@ -138,25 +138,24 @@ def _full_svt(x, threshold, method, gather, width):
     return by_svd(x)
   vectors, singular_values, factor = prox.gram_svt_factors(subspace.gram_of(x), threshold)
 
-  top = vectors[:, ::-1][:, :width]
+  top, top_factor = vectors[:, ::-1][:, :width], factor[::-1][:width]
   kept = jnp.sum(factor > 0)
 
-  def by_gram(x):
+  def by_projector(x):
     projector = (vectors * factor[None, :]) @ vectors.T
     return WarmSvt(jnp.tensordot(projector, x, axes=(1, 0)), top, kept > limit)
 
-  if width and 2 * width < m:
-    # When the basis holds every kept direction, two thin GEMMs (m x s) apply the SVT
-    # instead of the m x m projector (m / (2 s) times fewer flops).
-    full_apply = by_gram
-    top_factor = factor[::-1][:width]
+  def by_top(x):
+    value = jnp.tensordot(top * top_factor[None, :], jnp.tensordot(top, x, axes=(0, 0)),
+                          axes=(1, 0))
+    return WarmSvt(value, top, kept > limit)
 
-    def by_gram(x):  # pylint: disable=function-redefined
-      def thin(x):
-        value = jnp.tensordot(top * top_factor[None, :],
-                              jnp.tensordot(top, x, axes=(0, 0)), axes=(1, 0))
-        return WarmSvt(value, top, kept > limit)
-      return jax.lax.cond(kept <= width, thin, full_apply, x)
+  def by_gram(x):
+    if not 0 < 2 * width < m:
+      return by_projector(x)
+    # When the basis holds every kept direction, two thin (m x s) GEMMs apply the SVT
+    # instead of the m x m projector: m / (2 s) times fewer flops.
+    return jax.lax.cond(kept <= width, by_top, by_projector, x)
 
   if method == "gram":
     return by_gram(x)
