@@ -319,6 +319,12 @@ def main(argv=None):
   target = (16, 32, 8) if quick else (64, 256, 32)
   report["target"] = jax_vs_numpy(*target, rank=4, repeats=repeats,
                                   numpy_repeats=1 if quick else 9)
+  # The same comparison one size down and one up (fewer pairs: NumPy takes ~3 s a call
+  # at the large size).
+  other_sizes = [(8, 16, 8)] if quick else [(16, 64, 16), (128, 512, 32)]
+  report["jax_vs_numpy_sizes"] = sorted(
+      [jax_vs_numpy(*size, rank=4, repeats=repeats, numpy_repeats=1 if quick else 5)
+       for size in other_sizes] + [report["target"]], key=lambda row: row["m"])
   report["step_vs_gemm"] = [step_vs_gemm(*s, repeats=3 if quick else 20)
                             for s in ([(16, 32, 8)] if quick else [(64, 256, 32), (64, 512, 64)])]
   report["dense_gram_factored"] = dense_gram_factored(
@@ -377,6 +383,16 @@ def render(report, png_name, quick):
                        "exact_detection", "subspace_sin_theta_jax_vs_numpy",
                        "subspace_sin_theta_vs_truth", "solver_steps_jax",
                        "solver_steps_numpy"]),
+      "",
+      "The same comparison at a smaller and a larger size (same generator, 20% "
+      "contaminated; the target row is the one above). At the large size both sides spend "
+      "most of their time in GEMMs (the NumPy port's m x m Gram and apply, clair_jax's "
+      "thin products), so the ratio there is mostly one of flop counts.",
+      "",
+      table(report.get("jax_vs_numpy_sizes", []),
+            ["K", "m", "n", "jax_compile_s", "jax_steady_s", "numpy_s", "speedup",
+             "speedup_per_pair_min_max", "pairs", "same_detection", "exact_detection",
+             "subspace_sin_theta_jax_vs_numpy"]),
       "",
       "## Dense per-iteration time vs one Gram GEMM (side by side)",
       "",
