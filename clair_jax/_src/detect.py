@@ -12,8 +12,10 @@ SVD-based start is outvoted by a coherent group with larger norms (see CLAIR.md,
   off-subspace residual relative to the benign median, re-split, repeat until stable
   (C-steps as in FAST-MCD / least trimmed squares).
 
-All functions take an ``active`` mask (finite clients); inactive clients never enter a
-median, a count or a fit, so dropping a NaN client changes nothing for the others.
+The steps read a :class:`Clients` (the updates in the column layout ``(m, K, n)``, their
+energies and an ``active`` mask of finite clients), prepared once per call; inactive
+clients never enter a median, a count or a fit, so dropping a NaN client changes nothing
+for the others.
 """
 
 from __future__ import annotations
@@ -110,7 +112,11 @@ def unexplained_fraction(columns: jax.Array, subspace: jax.Array,
     energy = jnp.sum(columns**2, axis=(0, 2))
   if coefficients is None:
     coefficients = subspace_coefficients(columns, subspace)
-  explained = jnp.sum(coefficients**2, axis=(0, 2))
+  return _unexplained(jnp.sum(coefficients**2, axis=(0, 2)), energy)
+
+
+def _unexplained(explained: jax.Array, energy: jax.Array) -> jax.Array:
+  """``1 - explained / energy``, 0 where the energy is 0 (no division by zero)."""
   return jnp.where(energy > 0, 1.0 - explained / jnp.where(energy > 0, energy, 1.0), 0.0)
 
 
@@ -201,8 +207,7 @@ def consensus_start(
   stacked = jnp.transpose(subspaces, (1, 0, 2)).reshape(m, num_candidates * width)
   explained = jnp.sum(subspace_coefficients(columns, stacked) ** 2, axis=2)  # (C r, K)
   explained = jnp.sum(explained.reshape(num_candidates, width, num_clients), axis=1)
-  energy = clients.energy[None, :]
-  fractions = jnp.where(energy > 0, 1.0 - explained / jnp.where(energy > 0, energy, 1.0), 0.0)
+  fractions = _unexplained(explained, clients.energy[None, :])                # (C, K)
   costs = jax.vmap(lambda f: smallest_sum(f, active, h))(fractions)
   costs = jnp.where(jnp.all(active[members], axis=1), costs, jnp.inf)
   best = jnp.argmin(costs)
