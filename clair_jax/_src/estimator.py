@@ -372,8 +372,8 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   lam_sparse = (opts.threshold_ratio * scale
                 if opts.lam_sparse is None else opts.lam_sparse / data_scale)
   weights = jnp.where(active, client_weights.astype(dtype), 0.0)
-  decomposition = solver.solve_decomposition(
-      x_n, lam_low_rank, lam_sparse * weights, tol=opts.tol, max_steps=opts.max_steps,
+  decomposition = solver.solve_columns(
+      clients.columns, lam_low_rank, lam_sparse * weights, tol=opts.tol, max_steps=opts.max_steps,
       continuation_factor=opts.continuation_factor, svt_method=opts.svt_method,
       svt_width=opts.svt_width, gather=gather)
 

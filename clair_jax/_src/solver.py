@@ -367,7 +367,7 @@ def decomposition_step(
   # the step goes against the extrapolation; removes FISTA's oscillations.
   # (sum of products, not vdot: flattening the column layout would gather sharded clients)
   # With D = L^{t+1} - L^t, Y - L^{t+1} = beta (L^t - L^{t-1}) - D: the state keeps the
-  # last change, not L^{t-1}, so the test and the residual read D and it alone.
+  # last change, not L^{t-1}, so the test and the residual read the two changes only.
   change = low_rank - state.low_rank
   change_squared = jnp.sum(change**2)
   against = beta * jnp.sum(state.change * change) - change_squared > 0
@@ -422,11 +422,32 @@ def solve_decomposition(
     :class:`DecompositionSolution`; ``status`` is ``SUCCESSFUL``, ``MAX_STEPS_REACHED`` or
     ``NONFINITE`` (iterates stopped being finite; the last iterates are returned).
   """
-  dtype = blocks.dtype
+  return solve_columns(
+      to_columns(blocks), lam_low_rank, lam_sparse, tol=tol, max_steps=max_steps,
+      continuation_factor=continuation_factor, svt_method=svt_method, svt_width=svt_width,
+      gather=gather)
+
+
+def solve_columns(
+    columns: jax.Array,
+    lam_low_rank: jax.Array | float,
+    lam_sparse: jax.Array | float,
+    *,
+    tol: float = 1e-4,
+    max_steps: int = 500,
+    continuation_factor: float = 0.7,
+    svt_method: str = "auto",
+    svt_width: int | None = None,
+    gather: bool = True,
+) -> DecompositionSolution:
+  """:func:`solve_decomposition` on ``M`` already in the column layout ``(m, K, n)``
+  (:func:`to_columns`; not jitted itself: for callers inside ``jit`` that hold the column
+  layout, so the data are not transposed twice). The solution is in client blocks."""
+  m, num_clients, n = columns.shape
+  dtype = columns.dtype
   lam_low_rank = jnp.asarray(lam_low_rank, dtype)
-  lam_sparse = jnp.broadcast_to(jnp.asarray(lam_sparse, dtype), blocks.shape[:1])
-  width = basis_width(blocks.shape, svt_method, svt_width)
-  columns = to_columns(blocks)
+  lam_sparse = jnp.broadcast_to(jnp.asarray(lam_sparse, dtype), (num_clients,))
+  width = basis_width((num_clients, m, n), svt_method, svt_width)
   state = init_decomposition(columns, lam_low_rank, lam_sparse, width)
 
   def finite(state):
