@@ -33,6 +33,20 @@ from clair_jax._src.subspace import subspace_coefficients
 MAD_TO_STD = 1.4826
 # Spectral-tail energy below this fraction of a client's energy is round-off, not noise.
 TAIL_FRACTION_FLOOR = 1e-5
+# A squared singular value below this fraction of the client's energy is round-off.
+RANK_FRACTION_FLOOR = 1e-6
+
+
+def noise_width(width, n: int, rank: int):
+  """Columns a client's noise spans, in ``[r + 1, n]`` (``n`` when ``width`` is None).
+
+  A dense noisy ``m x n`` update spans ``n``; a LoRA update of rank ``q`` spans ``q``
+  (:attr:`ClientSpectra.width`). Every noise count below (degrees of freedom, the tail's
+  share) uses it, so a dense LoRA update and its factored reduction score the same.
+  """
+  if width is None:
+    return jnp.asarray(float(n))
+  return jnp.clip(width, rank + 1, n)
 
 
 def masked_quantile(values: jax.Array, mask: jax.Array, quantile: float) -> jax.Array:
@@ -69,6 +83,53 @@ def majority_size(active: jax.Array) -> jax.Array:
   return jnp.sum(active) // 2 + 1
 
 
+def majority_mass(weights: jax.Array) -> jax.Array:
+  """``floor(W / 2) + 1`` (at most ``W``) for total client weight ``W = sum_k w_k``: the
+  smallest weight of a benign set that is a majority (:func:`majority_size` for 0/1
+  weights)."""
+  total = jnp.sum(weights)
+  return jnp.minimum(jnp.floor(total / 2) + 1, total)
+
+
+def weighted_median(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """Median of ``values`` under nonnegative ``weights`` (zero weight: left out).
+
+  Each value stands at the centre of its weight on a line of total length ``W``; the
+  median interpolates at ``W / 2``. With 0/1 weights it is the usual median of the
+  weighted values (:func:`masked_median`).
+  """
+  valid = weights > 0
+  order = jnp.argsort(jnp.where(valid, values, jnp.inf))
+  ordered, mass = values[order], jnp.where(valid, weights, 0.0)[order]
+  cumulative = jnp.cumsum(mass)
+  total = cumulative[-1]
+  largest = jnp.max(jnp.where(valid, values, -jnp.inf))
+  centres = jnp.where(mass > 0, cumulative - mass / 2, total)
+  ordered = jnp.where(mass > 0, ordered, largest)
+  return jnp.where(total > 0, jnp.interp(total / 2, centres, ordered), 0.0)
+
+
+def weighted_smallest_sum(values: jax.Array, weights: jax.Array, mass: jax.Array) -> jax.Array:
+  """``sum_i w_i v_i`` over the smallest values until their weight reaches ``mass`` (the
+  last one counted in part); :func:`smallest_sum` for 0/1 weights and integer ``mass``."""
+  order = jnp.argsort(jnp.where(weights > 0, values, jnp.inf))
+  ordered, w = values[order], jnp.maximum(weights[order], 0.0)
+  before = jnp.cumsum(w) - w
+  taken = jnp.clip(mass - before, 0.0, w)
+  return jnp.sum(jnp.where(taken > 0, ordered * taken, 0.0))
+
+
+def weighted_smallest_mask(values: jax.Array, weights: jax.Array, mass: jax.Array) -> jax.Array:
+  """The clients of smallest ``values`` whose weight first reaches ``mass`` (ties by index);
+  :func:`smallest_mask` for 0/1 weights and integer ``mass``."""
+  valid = weights > 0
+  order = jnp.argsort(jnp.where(valid, values, jnp.inf))
+  w = jnp.where(valid, weights, 0.0)[order]
+  before = jnp.cumsum(w) - w
+  chosen = jnp.zeros(values.shape, bool).at[order].set(before < mass)
+  return chosen & valid
+
+
 class Clients(NamedTuple):
   """The normalised client data that every detection step reads, prepared once.
 
@@ -82,12 +143,73 @@ class Clients(NamedTuple):
   active: jax.Array           # (K,) bool, finite clients
   energy: jax.Array           # (K,) ||D_k||_F^2
   own_tail: jax.Array | None  # (K,) spectral tail beyond rank r (client_spectra), or None
+  weights: jax.Array          # (K,) 1 / size of the client's near-duplicate group; 0 inactive
+  width: jax.Array            # (K,) columns each client's noise spans (ClientSpectra.width)
 
 
 def prepare_clients(columns: jax.Array, active: jax.Array,
-                    own_tail: jax.Array | None = None) -> Clients:
-  """:class:`Clients` from the column layout (inactive clients already zeroed)."""
-  return Clients(columns, active, jnp.sum(columns**2, axis=(0, 2)), own_tail)
+                    spectra: ClientSpectra | None = None,
+                    rank: int | None = None) -> Clients:
+  """:class:`Clients` from the column layout (inactive clients already zeroed).
+
+  With the clients' ``spectra`` (:func:`client_spectra`) and ``rank``, near-duplicate
+  clients share one unit of weight (:func:`duplicate_weights`); otherwise exact
+  duplicates do.
+  """
+  energy = jnp.sum(columns**2, axis=(0, 2))
+  own_tail = None if spectra is None else spectra.tail
+  width = (jnp.full(active.shape, columns.shape[2], columns.dtype) if spectra is None
+           else spectra.width)
+  weights = duplicate_weights(columns, active, energy, own_tail, rank, width)
+  return Clients(columns, active, energy, own_tail, weights, width)
+
+
+# Relative distance below which two clients' updates count as the same (round-off).
+DUPLICATE_ROUNDOFF = 1e-6
+
+
+def duplicate_weights(columns: jax.Array, active: jax.Array, energy: jax.Array,
+                      own_tail: jax.Array | None = None,
+                      rank: int | None = None, width: jax.Array | None = None) -> jax.Array:
+  r"""Weight ``1 / |G_k|`` for each client, ``G_k`` its group of near-duplicates.
+
+  Clients that trained independently carry independent noise, so two of them differ by at
+  least both noises: :math:`\|D_i - D_j\|_F^2 \approx \|\Delta_i - \Delta_j\|_F^2 +
+  (\sigma_i^2 + \sigma_j^2)\, m n`. Each client's own noise level comes from its own
+  spectrum (the tail beyond rank ``r``, :func:`client_spectra`):
+  :math:`\hat\sigma_k^2 = t_k / ((m - r)(n - r))`, a statistic no other client can move
+  (it is biased low, which only makes the test stricter). Clients ``i`` and ``j`` are
+  near-duplicates when
+
+  .. math::
+    \|D_i - D_j\|_F^2 \le \tfrac12 (\hat\sigma_i^2 + \hat\sigma_j^2)\, m n
+      + 10^{-6} (\|D_i\|_F^2 + \|D_j\|_F^2),
+
+  i.e. they share more than half of what would be their independent noise. For benign
+  clients the left side concentrates at or above twice the right (``m n`` degrees of
+  freedom), so an honest pair essentially never qualifies; a group of clients sending one
+  crafted vector (ALIE, min-max, min-sum, Opt-ALIE, copies of one client), with or without
+  small independent perturbations, does. Counting every group as *one* client keeps it
+  from winning the majority count or setting the noise level (:func:`majority_mass`,
+  :func:`weighted_median`). Without spectral tails (``n <= r``) only exact duplicates
+  (up to round-off) are grouped.
+
+  Returns:
+    ``(K,)`` weights: ``1 / #{j active: j near-duplicate of k}`` (``k`` included), 0 for
+    inactive clients.
+  """
+  m, _, n = columns.shape
+  inner = jnp.einsum("mkn,mjn->kj", columns, columns)
+  distance = energy[:, None] + energy[None, :] - 2.0 * inner
+  bound = DUPLICATE_ROUNDOFF * (energy[:, None] + energy[None, :])
+  if own_tail is not None and rank is not None and min(m, n) > rank:
+    columns_spanned = noise_width(width, n, rank)
+    noise = own_tail * m * columns_spanned / ((m - rank) * (columns_spanned - rank))
+    bound = bound + 0.5 * (noise[:, None] + noise[None, :])
+  same = (distance <= bound) & active[:, None] & active[None, :]
+  same = same | jnp.diag(active)
+  group = jnp.sum(same, axis=1)
+  return jnp.where(active, 1.0 / jnp.maximum(group, 1), 0.0).astype(columns.dtype)
 
 
 def residual_norms(columns: jax.Array, subspace: jax.Array,
@@ -130,8 +252,9 @@ class Split(NamedTuple):
   structure_scores: jax.Array  # (K,) residual / own-noise expectation, benign-normalised
   thresholds: jax.Array        # (2,) thresholds of the two tests
   scale: jax.Array             # benign median residual (normalised units, floored)
-  unsupported: jax.Array       # benign clients with no significant signal in `subspace`
+  unsupported: jax.Array       # weight of benign clients with no significant signal in U
   objective: jax.Array         # trimmed sum of unexplained fractions (lower is better)
+  incomplete: jax.Array        # bool: the benign residual holds a direction most of B carry
   num_steps: jax.Array         # C-steps taken
   basis: jax.Array             # (m, s) warm start of the next iterative fit ((m, 0): none)
 
@@ -202,16 +325,16 @@ def consensus_start(
     proposals = jnp.transpose(columns[:, members], (1, 0, 2, 3)).reshape(
         num_candidates, m, group * n)
     subspaces = own_subspaces(proposals, rank)[1]                      # (C, m, r)
-  h = majority_size(active)
+  h = majority_mass(clients.weights)
   width = subspaces.shape[2]
   stacked = jnp.transpose(subspaces, (1, 0, 2)).reshape(m, num_candidates * width)
   explained = jnp.sum(subspace_coefficients(columns, stacked) ** 2, axis=2)  # (C r, K)
   explained = jnp.sum(explained.reshape(num_candidates, width, num_clients), axis=1)
   fractions = _unexplained(explained, clients.energy[None, :])                # (C, K)
-  costs = jax.vmap(lambda f: smallest_sum(f, active, h))(fractions)
+  costs = jax.vmap(lambda f: weighted_smallest_sum(f, clients.weights, h))(fractions)
   costs = jnp.where(jnp.all(active[members], axis=1), costs, jnp.inf)
   best = jnp.argmin(costs)
-  return smallest_mask(fractions[best], active, h)
+  return weighted_smallest_mask(fractions[best], clients.weights, h)
 
 
 class ClientSpectra(NamedTuple):
@@ -219,6 +342,7 @@ class ClientSpectra(NamedTuple):
 
   tail: jax.Array | None  # (K,) energy beyond the top r singular values; None if min(m, n) <= r
   left: jax.Array         # (K, m, min(r, m, n)) top left singular vectors (zero if unresolved)
+  width: jax.Array        # (K,) columns the noise spans: n if full rank, else the numerical rank
 
 
 def client_spectra(updates: jax.Array, rank: int) -> ClientSpectra:
@@ -230,13 +354,19 @@ def client_spectra(updates: jax.Array, rank: int) -> ClientSpectra:
   """
   _, m, n = updates.shape
   squared, left = own_subspaces(updates, min(rank, m, n))
+  # A client of numerical rank q < min(m, n) (a LoRA adapter of rank q) has noise on q
+  # columns' worth of degrees of freedom, not n (see sampling_floors).
+  energy = jnp.sum(squared, axis=1, keepdims=True)
+  numerical_rank = jnp.sum(squared > RANK_FRACTION_FLOOR * energy, axis=1)
+  width = jnp.where(numerical_rank >= min(m, n), n, numerical_rank).astype(updates.dtype)
   if min(m, n) <= rank:
-    return ClientSpectra(None, left)
+    return ClientSpectra(None, left, width)
   tail = jnp.sum(squared[:, : min(m, n) - rank], axis=1)                # ascending
-  return ClientSpectra(jnp.maximum(tail, 0.0), left)
+  return ClientSpectra(jnp.maximum(tail, 0.0), left, width)
 
 
-def count_unsupported(columns, benign, subspace, own_tail, floor, coefficients=None):
+def count_unsupported(columns, benign, subspace, own_tail, floor, coefficients=None,
+                      weights=None, width=None):
   r"""How many clients of the ``benign`` set hold no significant signal in ``subspace``.
 
   Counting clients, not energy, is what lets a benign majority win against a coherent
@@ -248,26 +378,89 @@ def count_unsupported(columns, benign, subspace, own_tail, floor, coefficients=N
   energy is 4 standard deviations above pure noise:
   :math:`\|U^\top D_k\|_F^2 > \hat\sigma_k^2 (r n + 4\sqrt{2 r n})`.
   Returns 0 when there is no spectral tail (``n <= r``). ``columns``: the column layout
-  ``(m, K, n)``; ``coefficients``: ``U^T D_k`` if already computed.
+  ``(m, K, n)``; ``coefficients``: ``U^T D_k`` if already computed; ``weights``: the
+  clients' weights (near-duplicates count as one, :func:`duplicate_weights`), so the
+  result is a weighted count.
   """
   if own_tail is None:
-    return jnp.asarray(0, jnp.int32)
+    return jnp.asarray(0.0, columns.dtype)
+  if weights is None:
+    weights = jnp.ones(benign.shape, columns.dtype)
   m, _, n = columns.shape
   rank = subspace.shape[1]
-  noise_variance = jnp.maximum(own_tail / ((m - rank) * (n - rank)), floor**2 / (m * n))
-  dof = rank * n
+  columns_spanned = noise_width(width, n, rank)
+  noise_variance = jnp.maximum(own_tail / ((m - rank) * (columns_spanned - rank)),
+                               floor**2 / (m * n))
+  dof = rank * columns_spanned
   if coefficients is None:
     coefficients = subspace_coefficients(columns, subspace)
   energy = jnp.sum(coefficients**2, axis=(0, 2))
   supported = energy > noise_variance * (dof + 4.0 * jnp.sqrt(2.0 * dof))
-  return jnp.sum(benign & ~supported).astype(jnp.int32)
+  return jnp.sum(jnp.where(benign & ~supported, weights, 0.0))
+
+
+# Candidate directions per subspace dimension that the benign-set fit considers.
+CANDIDATE_FACTOR = 2
+
+
+# The median benign client must hold this multiple of the noise energy that the best
+# noise direction would give it before a residual direction counts as carried.
+RESIDUAL_CARRIED_FACTOR = 2.0
+
+
+def residual_direction_carried(residual, weights, noise_variance, noise_columns,
+                               residual_rows: int) -> jax.Array:
+  r"""Whether the benign set's residual holds a direction that most of the set carries.
+
+  A split whose subspace swapped one of the benign majority's directions for a direction
+  of a coordinated minority (a tilt, the shared part of noisy ALIE updates) can pass every
+  per-client test when each client's share of the lost direction is below its noise;
+  pooled over the set, the lost direction stands out. With ``y`` the top direction of the
+  benign clients' residual inside the candidate span (the fitted directions after the
+  first ``r``) and
+  :math:`\hat\sigma_k^2` each client's own noise variance, the residual is *carried* when
+
+  .. math::
+    \operatorname{med}^{(w)}_{k \in B}
+      \frac{\|y^\top D_k\|^2}{\hat\sigma_k^2\, n_k\,(1 + \sqrt{(m - r) / (W n)})^2}
+      \ \ge\ 2,
+
+  where the bracket is the Marchenko-Pastur edge: the share of per-client noise that the
+  best of ``m - r`` noise directions fitted on ``W`` clients collects. Noise alone stays
+  near 1; a minority's direction has its median at the noise level.
+
+  Args:
+    residual: ``(c - r, K, n)`` coefficients on the candidate directions not in ``U``.
+    weights: ``(K,)`` benign-set weights (0 outside).
+    noise_variance: ``(K,)`` per-entry noise variance of each client (0: unknown, left out).
+    noise_columns: ``(K,)`` or scalar, columns each client's noise spans (``n`` for dense
+      noisy updates, the rank for LoRA ones; :func:`noise_width`).
+    residual_rows: ``m - r``.
+
+  Returns:
+    scalar bool.
+  """
+  if residual.shape[0] == 0:
+    return jnp.asarray(False)
+  gram = jnp.einsum("k,akn,bkn->ab", weights, residual, residual)
+  _, vectors = jnp.linalg.eigh(gram)
+  energy = jnp.sum(jnp.tensordot(vectors[:, -1], residual, axes=(0, 0)) ** 2, axis=1)
+  total = jnp.maximum(jnp.sum(weights), jnp.finfo(energy.dtype).tiny)
+  typical_columns = weighted_median(jnp.broadcast_to(noise_columns, weights.shape), weights)
+  edge = (1.0 + jnp.sqrt(residual_rows / (total * typical_columns))) ** 2
+  known = noise_variance > 0
+  ratio = energy / jnp.where(known, noise_variance * noise_columns * edge, 1.0)
+  return weighted_median(ratio, jnp.where(known, weights, 0.0)) >= RESIDUAL_CARRIED_FACTOR
 
 
 def better_split(first: Split, second: Split) -> jax.Array:
-  """Whether ``first`` beats ``second``: fewer unsupported benign clients, then lower
-  trimmed objective (the sum of the ``h`` smallest unexplained fractions)."""
-  return (first.unsupported < second.unsupported) | (
+  """Whether ``first`` beats ``second``: a benign residual that most of the set does not
+  carry (:func:`residual_direction_carried`), then fewer unsupported benign clients, then
+  lower trimmed objective (the sum of the ``h`` smallest unexplained fractions)."""
+  unsupported = (first.unsupported < second.unsupported) | (
       (first.unsupported == second.unsupported) & (first.objective <= second.objective))
+  return (~first.incomplete & second.incomplete) | (
+      (first.incomplete == second.incomplete) & unsupported)
 
 
 def select_split(first: Split, second: Split) -> Split:
@@ -276,7 +469,34 @@ def select_split(first: Split, second: Split) -> Split:
   return jax.tree.map(lambda a, b: jnp.where(take_first, a, b), first, second)
 
 
-def robust_threshold(scores, benign, threshold_ratio, mad_multiplier):
+# Standard deviations of sampling noise that the default threshold floors allow.
+FLOOR_DEVIATIONS = 4.0
+
+
+def sampling_floors(m: int, n, rank: int) -> tuple[jax.Array, jax.Array]:
+  r"""Default floors of the residual and structure thresholds, from degrees of freedom.
+
+  A benign client's squared residual is its noise on ``d = (m - r) n`` degrees of
+  freedom, so its ratio to a typical one has log-scale standard deviation about
+  :math:`1/\sqrt{2d}`; the structure test also divides by the client's own tail,
+  estimated on ``d_t = (m - r)(n - r)`` degrees of freedom:
+  :math:`\sqrt{1/(2d) + 1/(2 d_t)}`. Each floor is ``exp(4 sd)``: a benign client passes
+  it but for a ``~3e-5`` tail, and an attacker must keep its off-subspace part within that
+  margin of its noise (the damage it can do shrinks with it). Heteroscedastic or
+  heavy-tailed benign clients widen the thresholds through their own spread
+  (:func:`robust_threshold`). ``n`` is the number of columns the noise spans (the
+  clients' typical :attr:`ClientSpectra.width`; may be traced). ``m x n`` of 16 x 4 at
+  rank 2 gives (1.46, 1.93); 64 x 16 at rank 4 gives (1.09, 1.15).
+  """
+  rows = max(m - rank, 1)
+  d = rows * jnp.maximum(n, 1.0)
+  d_tail = rows * jnp.maximum(n - rank, 1.0)
+  residual = jnp.exp(FLOOR_DEVIATIONS / jnp.sqrt(2 * d))
+  structure = jnp.exp(FLOOR_DEVIATIONS * jnp.sqrt(1 / (2 * d) + 1 / (2 * d_tail)))
+  return residual, structure
+
+
+def robust_threshold(scores, benign, threshold_ratio, mad_multiplier, weights=None):
   """``max(rho, exp(med_B log s + z * 1.4826 * MAD_B(log s)))``.
 
   Scores are ratios (benign median ~1) and benign clients differ multiplicatively (one
@@ -284,8 +504,9 @@ def robust_threshold(scores, benign, threshold_ratio, mad_multiplier):
   floor ``rho`` when benign clients agree and widens as they spread.
   """
   logs = jnp.log(jnp.maximum(scores, jnp.finfo(scores.dtype).tiny))
-  centre = masked_median(logs, benign)
-  spread = MAD_TO_STD * masked_median(jnp.abs(logs - centre), benign)
+  weights = benign.astype(scores.dtype) if weights is None else jnp.where(benign, weights, 0.0)
+  centre = weighted_median(logs, weights)
+  spread = MAD_TO_STD * weighted_median(jnp.abs(logs - centre), weights)
   return jnp.maximum(threshold_ratio, jnp.exp(centre + mad_multiplier * spread))
 
 
@@ -294,7 +515,7 @@ def score_split(
     benign: jax.Array,
     rank: int,
     *,
-    threshold_ratio: float,
+    threshold_ratio: float | None,
     mad_multiplier: float,
     scale_floor: float,
     fixed_scale: jax.Array | None = None,
@@ -323,47 +544,91 @@ def score_split(
   structure test needs ``clients.own_tail`` (it is skipped when that is ``None``).
   """
   columns, active, own_tail = clients.columns, clients.active, clients.own_tail
-  subspace, next_basis = fit_columns(columns, benign, rank, fit_method, basis)
+  # Near-duplicates share one unit of weight in every fit, median and count.
+  weights = jnp.where(benign, clients.weights, 0.0)
+  m, num_clients, n = columns.shape
+  width = min(CANDIDATE_FACTOR * rank, m, num_clients * n)
+  candidates, next_basis = fit_columns(columns, weights, width, fit_method, basis)
   if next_basis is None:
-    next_basis = jnp.zeros((columns.shape[0], 0), columns.dtype)
+    next_basis = jnp.zeros((m, 0), columns.dtype)
   # U^T D_k once: the residuals, the objective and the support count all need it.
-  coefficients = subspace_coefficients(columns, subspace)
+  candidate_coefficients = subspace_coefficients(columns, candidates)
+  subspace, coefficients = candidates[:, :rank], candidate_coefficients[:rank]
   residuals = residual_norms(columns, subspace, coefficients)
+  if own_tail is not None:
+    # A client whose own update has rank <= r (a LoRA adapter of rank <= r, noiseless
+    # data) has no spectral tail, so its own noise level is unknown: the structure test
+    # abstains for it (score 0) and it does not enter the tests' medians and spreads.
+    has_tail = own_tail > TAIL_FRACTION_FLOOR * clients.energy
+    spanned = noise_width(clients.width, n, rank)
+    expected = jnp.maximum(jnp.sqrt(own_tail * spanned / (spanned - rank)), scale_floor)
   if fixed_scale is None:
-    scale = jnp.maximum(masked_median(residuals, benign), scale_floor)
+    scale = jnp.maximum(weighted_median(residuals, weights), scale_floor)
+    if own_tail is not None:
+      # The residual scale is never below the noise that the clients' own spectra
+      # predict, over *all* active clients: a minority of clean or identical updates
+      # inside the benign set cannot drag it down (they are not a weighted majority).
+      # (A client with no tail is noiseless to round-off: it predicts ~0.)
+      scale = jnp.maximum(scale, weighted_median(expected, clients.weights))
   else:
     scale = jnp.asarray(fixed_scale, residuals.dtype)
-  residual_scores = jnp.where(active, residuals / scale, jnp.inf)
-  residual_threshold = robust_threshold(residual_scores, benign, threshold_ratio,
-                                        mad_multiplier)
+  # The fitted U carries the benign noise: projecting a client with in-subspace
+  # coefficients C_k onto it leaves sigma^2 (m - r) sum_j |C_kj|^2 / lambda_j on average
+  # (first-order perturbation of U, lambda_j the benign energy on direction j), so a
+  # client far larger than the others inside the subspace (an in-subspace boost) is not
+  # mistaken for one off it: each test divides by sqrt(1 + leverage_k / n), n the columns
+  # the client's noise spans (ClientSpectra.width).
+  inside = jnp.sum(coefficients**2, axis=2)                                # (r, K)
+  direction_energy = jnp.sum(inside * weights[None, :], axis=1)
+  leverage = jnp.sum(
+      inside / jnp.maximum(direction_energy, jnp.finfo(inside.dtype).tiny)[:, None], axis=0)
+  inflation = jnp.sqrt(1.0 + leverage / jnp.maximum(jnp.minimum(clients.width, n), 1.0))
+  residual_scores = jnp.where(active, residuals / (scale * inflation), jnp.inf)
+  if threshold_ratio is not None:
+    residual_floor = structure_floor = threshold_ratio
+  else:
+    # The noise of a client of numerical rank q < min(m, n) spans q columns, not n.
+    width = weighted_median(jnp.minimum(clients.width, n), clients.weights)
+    residual_floor, structure_floor = sampling_floors(m, width, rank)
+    if own_tail is not None:
+      # Clients without a spectral tail have rank <= r: their residual lives on at most
+      # (m - r) r degrees of freedom, and nothing says it is i.i.d. noise there.
+      tailless = jnp.where(has_tail, 0.0, clients.weights)
+      residual_floor = jnp.where(2 * jnp.sum(tailless) >= jnp.sum(clients.weights),
+                                 sampling_floors(m, min(n, rank), rank)[0], residual_floor)
+  residual_threshold = robust_threshold(residual_scores, benign, residual_floor,
+                                        mad_multiplier, clients.weights)
   scores = residual_scores / residual_threshold
   if own_tail is None:
     structure_scores = jnp.zeros_like(residual_scores)
     structure_threshold = jnp.asarray(jnp.inf, residuals.dtype)
   else:
-    n = columns.shape[2]
-    # A client whose own update has rank <= r (a LoRA adapter of rank <= r, noiseless
-    # data) has no spectral tail, so its own noise level is unknown: the structure test
-    # abstains for it (score 0) and it does not enter the test's median and spread.
-    has_tail = own_tail > TAIL_FRACTION_FLOOR * clients.energy
-    expected = jnp.maximum(jnp.sqrt(own_tail * n / (n - rank)), scale_floor)
-    structure = jnp.where(has_tail, residuals / expected, 0.0)
-    reference = benign & has_tail
-    structure = structure / jnp.maximum(masked_median(structure, reference), 1.0)
+    structure = jnp.where(has_tail, residuals / (expected * inflation), 0.0)
+    reference = jnp.where(has_tail, weights, 0.0)
+    structure = structure / jnp.maximum(weighted_median(structure, reference), 1.0)
     structure_scores = jnp.where(active, structure, jnp.inf)
-    structure_threshold = robust_threshold(structure_scores, reference, threshold_ratio,
-                                           mad_multiplier)
+    structure_threshold = robust_threshold(structure_scores, reference > 0, structure_floor,
+                                           mad_multiplier, clients.weights)
     scores = jnp.maximum(scores, structure_scores / structure_threshold)
-  h = majority_size(active)
+  h = majority_mass(clients.weights)
   new_benign = active & (scores <= 1.0)
-  new_benign = jnp.where(jnp.sum(new_benign) >= h, new_benign, smallest_mask(scores, active, h))
+  new_benign = jnp.where(jnp.sum(jnp.where(new_benign, clients.weights, 0.0)) >= h, new_benign,
+                         weighted_smallest_mask(scores, clients.weights, h))
   unexplained = unexplained_fraction(columns, subspace, coefficients, clients.energy)
-  objective = smallest_sum(unexplained, active, h)
+  objective = weighted_smallest_sum(unexplained, clients.weights, h)
   unsupported = count_unsupported(columns, new_benign, subspace, own_tail, scale_floor,
-                                  coefficients)
+                                  coefficients, clients.weights, clients.width)
+  if own_tail is None:
+    noise_variance = jnp.full(active.shape, scale**2 / (max(m - rank, 1) * n), columns.dtype)
+    spanned = jnp.asarray(float(n), columns.dtype)
+  else:
+    noise_variance = jnp.where(has_tail, own_tail / ((m - rank) * (spanned - rank)), 0.0)
+  incomplete = residual_direction_carried(
+      candidate_coefficients[rank:], jnp.where(new_benign, clients.weights, 0.0),
+      noise_variance, spanned, m - rank)
   return Split(new_benign, subspace, scores, residual_scores, structure_scores,
                jnp.stack([residual_threshold, structure_threshold]), scale, unsupported,
-               objective, jnp.asarray(0, jnp.int32), next_basis)
+               objective, incomplete, jnp.asarray(0, jnp.int32), next_basis)
 
 
 def concentrate(
@@ -372,7 +637,7 @@ def concentrate(
     rank: int,
     *,
     max_steps: int,
-    threshold_ratio: float,
+    threshold_ratio: float | None,
     mad_multiplier: float,
     scale_floor: float,
     fixed_scale: jax.Array | None = None,

@@ -32,6 +32,9 @@ START_NAMES = {START_CONVEX: "convex", START_CONSENSUS: "consensus",
 # edge itself they enter L with shrink factors below 0.1, and, clustered at the threshold,
 # they make every SVT converge slowly; 10% above it L holds the signal alone.
 NOISE_EDGE_MARGIN = 1.1
+# Default lambda_S is this multiple of the benign median residual: just above a benign
+# block's noise norm, so benign blocks stay out of S.
+LAM_SPARSE_RATIO = 1.5
 
 
 class ClairOptions(NamedTuple):
@@ -41,12 +44,14 @@ class ClairOptions(NamedTuple):
     lam_low_rank: nuclear weight ``lambda_L`` (input units). Default
       ``1.1 sigma_hat (sqrt(m) + sqrt(K n))``: 10% above the spectral norm of ``m x K n``
       noise (see ``NOISE_EDGE_MARGIN``).
-    lam_sparse: group weight ``lambda_S`` (input units). Default ``threshold_ratio`` times
-      the median benign off-subspace residual, i.e. just above a benign block's noise norm.
+    lam_sparse: group weight ``lambda_S`` (input units). Default ``1.5`` times the median
+      benign off-subspace residual, i.e. just above a benign block's noise norm.
     noise_level: noise std ``sigma`` per entry (input units). Default: estimated, as
       ``median_benign ||(I - U U^T) D_k||_F / sqrt((m - r) n)``.
     threshold_ratio: a client is flagged when its residual exceeds this multiple of the
-      benign median residual, or of its own noise level (default 1.5) ...
+      benign median residual, or of its own noise level; default ``None``: a floor from
+      the degrees of freedom, ``exp(4 sd)`` of benign sampling noise (see
+      ``detect.sampling_floors``: 1.09 and 1.15 at 64 x 16, rank 4) ...
     mad_multiplier: ... or ``exp(median + mad_multiplier * 1.4826 * MAD)`` of the benign
       log-scores, whichever is larger, so benign clients that spread (different noise
       levels) are not flagged (default 3).
@@ -73,7 +78,7 @@ class ClairOptions(NamedTuple):
   lam_low_rank: float | None = None
   lam_sparse: float | None = None
   noise_level: float | None = None
-  threshold_ratio: float = 1.5
+  threshold_ratio: float | None = None
   mad_multiplier: float = 3.0
   scale_floor: float = 1e-4
   convex_floor: float = 1e-2
@@ -181,7 +186,7 @@ def _options(options: dict) -> ClairOptions:
                                          and not isinstance(opts.svt_width, bool)
                                          and opts.svt_width >= 1):
     raise ValueError(f"svt_width must be a positive int or None; got {opts.svt_width!r}")
-  if opts.threshold_ratio <= 1.0:
+  if opts.threshold_ratio is not None and not opts.threshold_ratio > 1.0:
     raise ValueError(f"threshold_ratio must be > 1; got {opts.threshold_ratio}")
   for name in ("lam_low_rank", "lam_sparse", "noise_level"):
     value = getattr(opts, name)
@@ -351,17 +356,17 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   # candidates).
   spectra = detect.client_spectra(x_n, rank)
   # Every later step reads the column layout (m, K, n): one transpose, here.
-  clients = detect.prepare_clients(to_columns(x_n), active, spectra.tail)
+  clients = detect.prepare_clients(to_columns(x_n), active, spectra, rank)
   trim = functools.partial(
       detect.concentrate, clients, rank=rank, max_steps=opts.max_trim_steps,
       threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,
       scale_floor=opts.scale_floor, fixed_scale=fixed_scale)
-  h = detect.majority_size(active)
+  h = detect.majority_mass(clients.weights)
   consensus_split = trim(detect.consensus_start(clients, rank, _num_candidates(x_n, opts),
                                                own_left=spectra.left))
   unexplained = detect.unexplained_fraction(clients.columns, consensus_split.subspace,
                                             energy=clients.energy)
-  complement_split = trim(detect.smallest_mask(-unexplained, active, h))
+  complement_split = trim(detect.weighted_smallest_mask(-unexplained, clients.weights, h))
   take_complement = ~detect.better_split(consensus_split, complement_split)
   robust_split = detect.select_split(consensus_split, complement_split)
   scale = jnp.maximum(robust_split.scale, opts.convex_floor)
@@ -369,7 +374,7 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   num_active = jnp.sum(active).astype(dtype)
   lam_low_rank = (NOISE_EDGE_MARGIN * sigma * (jnp.sqrt(m * 1.0) + jnp.sqrt(num_active * n))
                   if opts.lam_low_rank is None else opts.lam_low_rank / data_scale)
-  lam_sparse = (opts.threshold_ratio * scale
+  lam_sparse = (LAM_SPARSE_RATIO * scale
                 if opts.lam_sparse is None else opts.lam_sparse / data_scale)
   weights = jnp.where(active, client_weights.astype(dtype), 0.0)
   decomposition = solver.solve_columns(
@@ -380,8 +385,9 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   # Convex verdict, then trimming from it; keep the start that explains a majority best.
   sparse_norms = safe_norm(decomposition.sparse, axis=(1, 2))
   convex_benign = active & (sparse_norms == 0)
-  convex_start = jnp.where(jnp.sum(convex_benign) >= h, convex_benign,
-                           detect.smallest_mask(sparse_norms, active, h))
+  convex_start = jnp.where(jnp.sum(jnp.where(convex_benign, clients.weights, 0.0)) >= h,
+                           convex_benign,
+                           detect.weighted_smallest_mask(sparse_norms, clients.weights, h))
   convex_split = trim(convex_start)
   use_robust = opts.consensus & ~detect.better_split(convex_split, robust_split)
   split = detect.select_split(robust_split, convex_split) if opts.consensus else convex_split

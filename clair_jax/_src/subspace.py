@@ -277,7 +277,8 @@ def fit_columns(
 
   ``mask`` weights the products of the iterative path (:func:`rayleigh_ritz`'s
   ``column_mask``), so the data are neither copied nor transposed per fit; every column
-  must be finite (a masked-out NaN would still enter ``Q^T X``).
+  must be finite (a masked-out NaN would still enter ``Q^T X``). A nonnegative float
+  ``mask`` fits the weighted Gram ``sum_k w_k D_k D_k^T`` on every path.
   """
   m, num_clients, n = columns.shape
   if method not in FIT_METHODS:
@@ -287,8 +288,8 @@ def fit_columns(
     method = "iterative" if iterative else "gram"
   column_mask = None if mask is None else mask[None, :, None].astype(columns.dtype)
 
-  def masked(columns):
-    return columns if column_mask is None else columns * column_mask
+  def masked(columns):  # X W^{1/2}, so that G = X W X^T as on the iterative path
+    return columns if column_mask is None else columns * jnp.sqrt(column_mask)
 
   def by_gram(columns):
     _, vectors = jnp.linalg.eigh(gram_of(masked(columns)))
