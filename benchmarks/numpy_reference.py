@@ -2,8 +2,10 @@
 
 A line-by-line port of the core (``estimator.clair_core``, ``detect``, ``solver``) with
 the same normalisation, consensus and complement starts, trimming (C-steps), structure
-test, split selection, FISTA with continuation and adaptive restart, SVT by Gram ``eigh``
-with the SVD fallback, and the same thresholds. Used by the benchmarks to time JAX
+test, near-duplicate weights (weighted medians, majorities, counts and fits), own-tail
+scale floor, leverage inflation, degrees-of-freedom threshold floors, split selection
+(residual direction carried, unsupported weight, objective), FISTA with continuation and
+adaptive restart, SVT by Gram ``eigh`` with the SVD fallback, and the same thresholds. Used by the benchmarks to time JAX
 against NumPy on the same work and to check both give the same detection and subspace.
 Eager, float32 like the JAX default; LAPACK through ``scipy.linalg``; every ``einsum`` with
 ``optimize=True`` so contractions go to BLAS (NumPy's default ``einsum`` loops in C, ~6x
@@ -22,7 +24,14 @@ import numpy as np
 import scipy.linalg
 
 MAD_TO_STD = 1.4826
-NOISE_EDGE_MARGIN = 1.1   # lambda_L above the noise edge, as clair_jax's estimator
+NOISE_EDGE_MARGIN = 1.1        # lambda_L above the noise edge, as clair_jax's estimator
+LAM_SPARSE_RATIO = 1.5         # default lambda_S / benign median residual (estimator)
+TAIL_FRACTION_FLOOR = 1e-5     # own tail below this fraction of the energy: round-off
+RANK_FRACTION_FLOOR = 1e-6     # squared singular value below this fraction: round-off
+DUPLICATE_ROUNDOFF = 1e-6      # relative distance of two updates that are the same
+CANDIDATE_FACTOR = 2           # directions fitted per subspace dimension (2 r)
+RESIDUAL_CARRIED_FACTOR = 2.0  # benign median energy on the residual direction / noise
+FLOOR_DEVIATIONS = 4.0         # sampling-noise standard deviations of the default floors
 
 
 def masked_median(values, mask):
@@ -33,35 +42,75 @@ def masked_median(values, mask):
   return 0.5 * (ordered[max((count - 1) // 2, 0)] + ordered[max(count // 2, 0)])
 
 
-def smallest_sum(values, mask, count):
-  ordered = np.sort(np.where(mask, values, np.inf))
-  return np.sum(np.where(np.arange(values.shape[0]) < count, ordered, 0.0))
+def weighted_median(values, weights):
+  """Median under nonnegative weights (0: left out): each value sits at the centre of its
+  weight on a line of length ``W``, interpolated at ``W / 2``."""
+  valid = weights > 0
+  if not valid.any():
+    return values.dtype.type(0.0)
+  order = np.argsort(values[valid], kind="stable")
+  ordered, mass = values[valid][order], weights[valid][order]
+  cumulative = np.cumsum(mass)
+  return np.interp(cumulative[-1] / 2, cumulative - mass / 2, ordered)
 
 
-def smallest_mask(values, mask, count):
-  ranks = np.argsort(np.argsort(np.where(mask, values, np.inf), kind="stable"), kind="stable")
-  return mask & (ranks < count)
+def majority_mass(weights):
+  """``floor(W / 2) + 1`` (at most ``W``): the weight of the smallest benign majority."""
+  total = np.sum(weights)
+  return min(np.floor(total / 2) + 1, total)
+
+
+def _by_value(values, weights):
+  """Order of the clients of positive weight by value (ties by index), their weights and
+  the weight before each."""
+  order = np.argsort(np.where(weights > 0, values, np.inf), kind="stable")
+  w = np.maximum(weights[order], 0.0)
+  return order, w, np.cumsum(w) - w
+
+
+def weighted_smallest_sum(values, weights, mass):
+  """``sum w_i v_i`` over the smallest values until their weight reaches ``mass``."""
+  order, w, before = _by_value(values, weights)
+  taken = np.clip(mass - before, 0.0, w)
+  return np.sum(np.where(taken > 0, values[order] * taken, 0.0))
+
+
+def weighted_smallest_mask(values, weights, mass):
+  """The clients of smallest values whose weight first reaches ``mass``."""
+  order, _, before = _by_value(values, weights)
+  chosen = np.zeros(values.shape, bool)
+  chosen[order] = before < mass
+  return chosen & (weights > 0)
+
+
+def noise_width(width, n, rank):
+  """Columns a client's noise spans, clipped to ``[r + 1, n]``."""
+  return np.clip(width, rank + 1, n)
 
 
 def gram(blocks):
   return np.einsum("kmn,kpn->mp", blocks, blocks, optimize=True)
 
 
-def fit_subspace(updates, mask, rank):
-  updates = np.where(mask[:, None, None], updates, 0)
-  _, vectors = scipy.linalg.eigh(gram(updates))
-  return vectors[:, ::-1][:, :rank]
+def coefficients_of(updates, subspace):
+  """``U^T D_k`` for every client, ``(K, r, n)``."""
+  return np.einsum("mr,kmn->krn", subspace, updates, optimize=True)
 
 
-def residual_norms(updates, subspace):
-  coefficients = np.einsum("mr,kmn->krn", subspace, updates, optimize=True)
+def fit_candidates(updates, weights, width):
+  """Top-``width`` eigenvectors of the weighted Gram ``sum_k w_k D_k D_k^T``."""
+  scaled = updates * np.sqrt(weights)[:, None, None]
+  _, vectors = scipy.linalg.eigh(gram(scaled))
+  return vectors[:, ::-1][:, :width]
+
+
+def residual_norms(updates, subspace, coefficients):
   projected = np.einsum("mr,krn->kmn", subspace, coefficients, optimize=True)
   return np.sqrt(np.sum((updates - projected) ** 2, (1, 2)))
 
 
-def unexplained_fraction(updates, subspace):
-  energy = np.sum(updates**2, (1, 2))
-  explained = np.sum(np.einsum("mr,kmn->krn", subspace, updates, optimize=True) ** 2, (1, 2))
+def unexplained_fraction(energy, coefficients):
+  explained = np.sum(coefficients**2, (1, 2))
   return np.where(energy > 0, 1.0 - explained / np.where(energy > 0, energy, 1.0), 0.0)
 
 
@@ -83,7 +132,57 @@ def own_subspaces(blocks, rank):
   return squared, np.where(resolved[:, None, :], left, 0.0)
 
 
-def consensus_start(updates, active, rank, num_candidates, own_left=None):
+class Spectra(NamedTuple):
+  tail: np.ndarray | None  # (K,) own energy beyond rank r; None if min(m, n) <= r
+  left: np.ndarray         # (K, m, r) own top subspaces
+  width: np.ndarray        # (K,) columns the noise spans: n, or the numerical rank
+
+
+def client_spectra(updates, rank):
+  """Own spectral tails, top subspaces and noise widths, from one batched eigh."""
+  _, m, n = updates.shape
+  squared, left = own_subspaces(updates, min(rank, m, n))
+  energy = np.sum(squared, axis=1, keepdims=True)
+  numerical_rank = np.sum(squared > RANK_FRACTION_FLOOR * energy, axis=1)
+  width = np.where(numerical_rank >= min(m, n), n, numerical_rank).astype(updates.dtype)
+  if min(m, n) <= rank:
+    return Spectra(None, left, width)
+  return Spectra(np.maximum(np.sum(squared[:, : min(m, n) - rank], axis=1), 0.0), left, width)
+
+
+def duplicate_weights(updates, active, energy, own_tail, rank, width):
+  """``1 / |G_k|``, ``G_k`` the active clients within half their own-noise distance of
+  client ``k`` (near-duplicates count as one client); 0 for inactive clients."""
+  num_clients, m, n = updates.shape
+  flat = updates.reshape(num_clients, -1)
+  distance = energy[:, None] + energy[None, :] - 2.0 * (flat @ flat.T)
+  bound = DUPLICATE_ROUNDOFF * (energy[:, None] + energy[None, :])
+  if own_tail is not None and min(m, n) > rank:
+    spanned = noise_width(width, n, rank)
+    noise = own_tail * m * spanned / ((m - rank) * (spanned - rank))
+    bound = bound + 0.5 * (noise[:, None] + noise[None, :])
+  same = (distance <= bound) & active[:, None] & active[None, :]
+  group = np.sum(same | np.diag(active), axis=1)
+  return np.where(active, 1.0 / np.maximum(group, 1), 0.0).astype(updates.dtype)
+
+
+class Clients(NamedTuple):
+  updates: np.ndarray          # (K, m, n) normalised, inactive clients zero
+  active: np.ndarray           # (K,) bool
+  energy: np.ndarray           # (K,) ||D_k||_F^2
+  own_tail: np.ndarray | None  # (K,) or None
+  weights: np.ndarray          # (K,) 1 / near-duplicate group size; 0 inactive
+  width: np.ndarray            # (K,) columns each client's noise spans
+
+
+def prepare_clients(updates, active, spectra, rank):
+  energy = np.sum(updates**2, (1, 2))
+  weights = duplicate_weights(updates, active, energy, spectra.tail, rank, spectra.width)
+  return Clients(updates, active, energy, spectra.tail, weights, spectra.width)
+
+
+def consensus_start(clients, rank, num_candidates, own_left=None):
+  updates, active, weights = clients.updates, clients.active, clients.weights
   num_clients, m, n = updates.shape
   group = math.ceil(rank / n)
   ids = np.round(np.linspace(0, num_clients - 1, num_candidates)).astype(int)
@@ -95,39 +194,60 @@ def consensus_start(updates, active, rank, num_candidates, own_left=None):
     proposals = np.transpose(updates[members], (0, 2, 1, 3)).reshape(num_candidates, m,
                                                                      group * n)
     subspaces = own_subspaces(proposals, rank)[1]
-  h = int(active.sum()) // 2 + 1
+  h = majority_mass(weights)
   fractions, costs = [], []
   for c in range(num_candidates):
-    fractions.append(unexplained_fraction(updates, subspaces[c]))
-    costs.append(smallest_sum(fractions[-1], active, h) if active[members[c]].all() else np.inf)
-  return smallest_mask(fractions[int(np.argmin(costs))], active, h)
+    fractions.append(unexplained_fraction(clients.energy, coefficients_of(updates, subspaces[c])))
+    costs.append(weighted_smallest_sum(fractions[-1], weights, h)
+                 if active[members[c]].all() else np.inf)
+  return weighted_smallest_mask(fractions[int(np.argmin(costs))], weights, h)
 
 
-def client_spectra(updates, rank):
-  """(own spectral tail beyond rank, or None; own top subspaces) from one batched eigh."""
-  _, m, n = updates.shape
-  squared, left = own_subspaces(updates, min(rank, m, n))
-  if min(m, n) <= rank:
-    return None, left
-  return np.maximum(np.sum(squared[:, : min(m, n) - rank], axis=1), 0.0), left
-
-
-def count_unsupported(updates, benign, subspace, own_tail, floor):
+def count_unsupported(coefficients, benign, own_tail, floor, weights, width, m, n):
+  """Weight of the ``benign`` clients with no signal 4 sd above their own noise in ``U``."""
   if own_tail is None:
-    return 0
-  _, m, n = updates.shape
-  rank = subspace.shape[1]
-  noise_variance = np.maximum(own_tail / ((m - rank) * (n - rank)), floor**2 / (m * n))
-  dof = rank * n
-  energy = np.sum(np.einsum("mr,kmn->krn", subspace, updates, optimize=True) ** 2, axis=(1, 2))
+    return 0.0
+  rank = coefficients.shape[1]
+  spanned = noise_width(width, n, rank)
+  noise_variance = np.maximum(own_tail / ((m - rank) * (spanned - rank)), floor**2 / (m * n))
+  dof = rank * spanned
+  energy = np.sum(coefficients**2, axis=(1, 2))
   supported = energy > noise_variance * (dof + 4.0 * np.sqrt(2.0 * dof))
-  return int(np.sum(benign & ~supported))
+  return np.sum(np.where(benign & ~supported, weights, 0.0))
 
 
-def robust_threshold(scores, benign, ratio, mad_multiplier):
+def residual_direction_carried(residual, weights, noise_variance, noise_columns, rows):
+  """Whether the top direction of the benign residual (``residual``: ``(K, c - r, n)``
+  coefficients on the candidate directions beyond ``U``) holds, for the weighted median
+  benign client, twice the noise energy the best of ``rows`` noise directions would."""
+  if residual.shape[1] == 0:
+    return False
+  _, vectors = scipy.linalg.eigh(np.einsum("k,kan,kbn->ab", weights, residual, residual,
+                                           optimize=True))
+  energy = np.sum(np.einsum("a,kan->kn", vectors[:, -1], residual, optimize=True) ** 2, axis=1)
+  total = max(np.sum(weights), np.finfo(energy.dtype).tiny)
+  typical_columns = weighted_median(np.broadcast_to(noise_columns, weights.shape), weights)
+  edge = (1.0 + np.sqrt(rows / (total * typical_columns))) ** 2
+  known = noise_variance > 0
+  ratio = energy / np.where(known, noise_variance * noise_columns * edge, 1.0)
+  return bool(weighted_median(ratio, np.where(known, weights, 0.0)) >= RESIDUAL_CARRIED_FACTOR)
+
+
+def sampling_floors(m, n, rank):
+  """Default (residual, structure) threshold floors: ``exp(4 sd)`` of benign sampling noise
+  on ``(m - r) n`` (and the own tail's ``(m - r)(n - r)``) degrees of freedom."""
+  rows = max(m - rank, 1)
+  d = rows * max(n, 1.0)
+  d_tail = rows * max(n - rank, 1.0)
+  return (math.exp(FLOOR_DEVIATIONS / math.sqrt(2 * d)),
+          math.exp(FLOOR_DEVIATIONS * math.sqrt(1 / (2 * d) + 1 / (2 * d_tail))))
+
+
+def robust_threshold(scores, benign, ratio, mad_multiplier, weights):
   logs = np.log(np.maximum(scores, np.finfo(scores.dtype).tiny))
-  centre = masked_median(logs, benign)
-  spread = MAD_TO_STD * masked_median(np.abs(logs - centre), benign)
+  weights = np.where(benign, weights, 0.0)
+  centre = weighted_median(logs, weights)
+  spread = MAD_TO_STD * weighted_median(np.abs(logs - centre), weights)
   return max(ratio, float(np.exp(centre + mad_multiplier * spread)))
 
 
@@ -136,45 +256,85 @@ class Split(NamedTuple):
   subspace: np.ndarray
   scores: np.ndarray
   scale: float
-  unsupported: int
+  unsupported: float
   objective: float
+  incomplete: bool
   num_steps: int
 
 
-def score_split(updates, active, benign, rank, opts, own_tail):
-  subspace = fit_subspace(updates, benign, rank)
-  residuals = residual_norms(updates, subspace)
-  scale = max(masked_median(residuals, benign), opts["scale_floor"])
-  residual_scores = np.where(active, residuals / scale, np.inf)
-  scores = residual_scores / robust_threshold(residual_scores, benign, opts["threshold_ratio"],
-                                              opts["mad_multiplier"])
+def score_split(clients, benign, rank, opts):
+  updates, active, own_tail = clients.updates, clients.active, clients.own_tail
+  num_clients, m, n = updates.shape
+  floor = opts["scale_floor"]
+  weights = np.where(benign, clients.weights, 0.0)   # near-duplicates count as one
+  candidates = fit_candidates(updates, weights, min(CANDIDATE_FACTOR * rank, m, num_clients * n))
+  candidate_coefficients = coefficients_of(updates, candidates)
+  subspace, coefficients = candidates[:, :rank], candidate_coefficients[:, :rank]
+  residuals = residual_norms(updates, subspace, coefficients)
   if own_tail is not None:
-    n = updates.shape[2]
-    expected = np.maximum(np.sqrt(own_tail * n / (n - rank)), opts["scale_floor"])
-    structure = residuals / expected
-    structure = structure / max(masked_median(structure, benign), 1.0)
+    has_tail = own_tail > TAIL_FRACTION_FLOOR * clients.energy
+    spanned = noise_width(clients.width, n, rank)
+    expected = np.maximum(np.sqrt(own_tail * spanned / (spanned - rank)), floor)
+  scale = max(weighted_median(residuals, weights), floor)
+  if own_tail is not None:   # never below the noise the clients' own spectra predict
+    scale = max(scale, weighted_median(expected, clients.weights))
+  # Leverage inflation: a client large inside U is not mistaken for one off it.
+  inside = np.sum(coefficients**2, axis=2)                                  # (K, r)
+  direction_energy = np.sum(inside * weights[:, None], axis=0)
+  leverage = np.sum(inside / np.maximum(direction_energy, np.finfo(inside.dtype).tiny), axis=1)
+  inflation = np.sqrt(1.0 + leverage / np.maximum(np.minimum(clients.width, n), 1.0))
+  residual_scores = np.where(active, residuals / (scale * inflation), np.inf)
+  if opts["threshold_ratio"] is not None:
+    residual_floor = structure_floor = opts["threshold_ratio"]
+  else:
+    width = weighted_median(np.minimum(clients.width, n), clients.weights)
+    residual_floor, structure_floor = sampling_floors(m, width, rank)
+    if own_tail is not None:
+      tailless = np.where(has_tail, 0.0, clients.weights)
+      if 2 * np.sum(tailless) >= np.sum(clients.weights):
+        residual_floor = sampling_floors(m, min(n, rank), rank)[0]
+  scores = residual_scores / robust_threshold(residual_scores, benign, residual_floor,
+                                              opts["mad_multiplier"], clients.weights)
+  if own_tail is not None:
+    structure = np.where(has_tail, residuals / (expected * inflation), 0.0)
+    reference = np.where(has_tail, weights, 0.0)
+    structure = structure / max(weighted_median(structure, reference), 1.0)
     structure = np.where(active, structure, np.inf)
     scores = np.maximum(scores, structure / robust_threshold(
-        structure, benign, opts["threshold_ratio"], opts["mad_multiplier"]))
-  h = int(active.sum()) // 2 + 1
+        structure, reference > 0, structure_floor, opts["mad_multiplier"], clients.weights))
+  h = majority_mass(clients.weights)
   new_benign = active & (scores <= 1.0)
-  if new_benign.sum() < h:
-    new_benign = smallest_mask(scores, active, h)
-  objective = smallest_sum(unexplained_fraction(updates, subspace), active, h)
-  unsupported = count_unsupported(updates, new_benign, subspace, own_tail, opts["scale_floor"])
-  return Split(new_benign, subspace, scores, scale, unsupported, objective, 0)
+  if np.sum(np.where(new_benign, clients.weights, 0.0)) < h:
+    new_benign = weighted_smallest_mask(scores, clients.weights, h)
+  objective = weighted_smallest_sum(unexplained_fraction(clients.energy, coefficients),
+                                    clients.weights, h)
+  unsupported = count_unsupported(coefficients, new_benign, own_tail, floor, clients.weights,
+                                  clients.width, m, n)
+  if own_tail is None:
+    noise_variance = np.full(active.shape, scale**2 / (max(m - rank, 1) * n), updates.dtype)
+    spanned = float(n)
+  else:
+    noise_variance = np.where(has_tail, own_tail / ((m - rank) * (spanned - rank)), 0.0)
+  incomplete = residual_direction_carried(
+      candidate_coefficients[:, rank:], np.where(new_benign, clients.weights, 0.0),
+      noise_variance, spanned, m - rank)
+  return Split(new_benign, subspace, scores, scale, unsupported, objective, incomplete, 0)
 
 
-def concentrate(updates, active, start, rank, opts, own_tail):
-  split, previous, step = score_split(updates, active, start, rank, opts, own_tail), start, 1
+def concentrate(clients, start, rank, opts):
+  split, previous, step = score_split(clients, start, rank, opts), start, 1
   while step < opts["max_trim_steps"] and np.any(previous != split.benign):
     previous = split.benign
-    split = score_split(updates, active, split.benign, rank, opts, own_tail)
+    split = score_split(clients, split.benign, rank, opts)
     step += 1
   return split._replace(num_steps=step)
 
 
 def better_split(first, second):
+  """A benign residual most of the set does not carry, then fewer unsupported, then lower
+  objective."""
+  if first.incomplete != second.incomplete:
+    return second.incomplete
   return (first.unsupported < second.unsupported) or (
       first.unsupported == second.unsupported and first.objective <= second.objective)
 
@@ -233,7 +393,7 @@ def solve_decomposition(blocks, lam_low_rank, lam_sparse, opts):
   return low, sparse, step
 
 
-DEFAULTS = dict(threshold_ratio=1.5, mad_multiplier=3.0, scale_floor=1e-4, convex_floor=1e-2,
+DEFAULTS = dict(threshold_ratio=None, mad_multiplier=3.0, scale_floor=1e-4, convex_floor=1e-2,
                 max_trim_steps=30, tol=1e-4, max_steps=500, continuation_factor=0.7,
                 num_candidates=None)
 
@@ -258,24 +418,26 @@ def clair_numpy(updates, rank, **options) -> ReferenceResult:
   data_scale = data_scale if data_scale > 0 else (norms.max() if norms.max() > 0 else 1.0)
   x_n = (x / data_scale).astype(np.float32)
   dof = max(m - rank, 1) * n
-  own_tail, own_left = client_spectra(x_n, rank)
-  h = int(active.sum()) // 2 + 1
+  spectra = client_spectra(x_n, rank)
+  clients = prepare_clients(x_n, active, spectra, rank)
+  h = majority_mass(clients.weights)
   candidates = max(1, min(opts["num_candidates"] or min(num_clients, 64), num_clients))
-  consensus = concentrate(x_n, active, consensus_start(x_n, active, rank, candidates, own_left),
-                          rank, opts, own_tail)
-  unexplained = unexplained_fraction(x_n, consensus.subspace)
-  complement = concentrate(x_n, active, smallest_mask(-unexplained, active, h), rank, opts,
-                           own_tail)
+  consensus = concentrate(clients, consensus_start(clients, rank, candidates, spectra.left),
+                          rank, opts)
+  unexplained = unexplained_fraction(clients.energy, coefficients_of(x_n, consensus.subspace))
+  complement = concentrate(clients, weighted_smallest_mask(-unexplained, clients.weights, h),
+                           rank, opts)
   robust = consensus if better_split(consensus, complement) else complement
   scale = max(robust.scale, opts["convex_floor"])
   sigma = scale / np.sqrt(dof)
   lam_low_rank = NOISE_EDGE_MARGIN * sigma * (np.sqrt(m) + np.sqrt(active.sum() * n))
-  lam_sparse = opts["threshold_ratio"] * scale * active.astype(np.float32)
+  lam_sparse = LAM_SPARSE_RATIO * scale * active.astype(np.float32)
   _, sparse, steps = solve_decomposition(x_n, lam_low_rank, lam_sparse, opts)
   sparse_norms = np.sqrt(np.sum(sparse**2, (1, 2)))
   convex_benign = active & (sparse_norms == 0)
-  start = convex_benign if convex_benign.sum() >= h else smallest_mask(sparse_norms, active, h)
-  convex = concentrate(x_n, active, start, rank, opts, own_tail)
+  start = (convex_benign if np.sum(np.where(convex_benign, clients.weights, 0.0)) >= h
+           else weighted_smallest_mask(sparse_norms, clients.weights, h))
+  convex = concentrate(clients, start, rank, opts)
   split = robust if better_split(robust, convex) else convex   # ties -> robust, as in JAX
   contaminated = ~(split.benign & active)
   u = split.subspace
