@@ -13,6 +13,10 @@ from clair_jax._src.prox import prox_group_lasso_blocks
 from clair_jax._src.prox import prox_nuclear
 from clair_jax._src.prox import prox_nuclear_gram
 from clair_jax._src.prox import safe_norm
+from clair_jax._src.refine import Refinement
+from clair_jax._src.refine import choose_strength
+from clair_jax._src.refine import refine_updates
+from clair_jax._src.refine import refined_factors
 from clair_jax._src.solver import DecompositionSolution
 from clair_jax._src.solver import DecompositionState
 from clair_jax._src.solver import STATUS_NAMES
@@ -54,6 +58,10 @@ __all__ = (
     "prox_nuclear",
     "prox_nuclear_gram",
     "safe_norm",
+    "Refinement",
+    "choose_strength",
+    "refine_updates",
+    "refined_factors",
     "solve_decomposition",
     "sparse_part",
     "svt_blocks",

@@ -618,3 +618,35 @@ def oracle(updates: jax.Array, benign_mask: jax.Array, rank: int) -> OracleResul
   projected = project_onto_subspace(safe, subspace)
   estimates = jnp.where(benign_mask[:, None, None], projected, updates)
   return OracleResult(estimates, benign_mask, subspace)
+
+
+def clair_given_benign(updates: jax.Array, benign_mask: jax.Array, rank: int,
+                       **options) -> OracleResult:
+  """CLAIR's refinement given the *true* benign set: the reference CLAIR's detection aims at.
+
+  Runs the same refine stage as :func:`clair_jax.clair` (partial pooling inside a
+  data-chosen subspace by default; ``refine="projection"`` for ``U U^T D_k``) on
+  ``benign_mask`` instead of a detected set. Contaminated clients are returned as sent.
+
+  Args:
+    updates: ``(K, m, n)``.
+    benign_mask: ``(K,)`` bool, the true benign set.
+    rank: detection rank ``r`` (used by ``refine="projection"``).
+    **options: refine options of :class:`clair_jax.ClairOptions` (``refine``,
+      ``refine_strength``, ``refine_rank``, ``refine_max_rank``, ``subspace_noise``).
+
+  Returns:
+    :class:`OracleResult` (``subspace``: the refine subspace, or the rank-``r`` fit).
+  """
+  from clair_jax._src import estimator  # pylint: disable=g-import-not-at-top
+  _check_updates(updates, "clair_given_benign")
+  opts = estimator.ClairOptions(**options)
+  benign = jnp.asarray(benign_mask).astype(bool) & finite_clients(updates)
+  safe = jnp.where(benign[:, None, None], updates, 0.0)
+  scale = jnp.median(jnp.where(benign, jnp.sqrt(jnp.sum(safe**2, axis=(1, 2))), jnp.nan))
+  scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1.0)
+  x_n = jnp.where(finite_clients(updates)[:, None, None], updates, 0.0) / scale
+  subspace = fit_subspace(jnp.where(benign[:, None, None], x_n, 0.0), benign, rank)
+  refinement = estimator.refine_stage(x_n, benign, benign, subspace, opts, scale)
+  estimates = jnp.where(benign[:, None, None], refinement.refined * scale, updates)
+  return OracleResult(estimates.astype(updates.dtype), benign, refinement.subspace)

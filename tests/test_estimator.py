@@ -82,11 +82,11 @@ def test_refined_outputs_and_in_subspace_boosts():
   problem = make_problem(fraction=0.2, noise=0.02, rank=RANK, seed=51)
   updates = np.array(problem.updates)
   boosted = np.flatnonzero(~problem.contaminated)[:2]
-  clean = clair_jax.clair(updates, RANK)
+  clean = clair_jax.clair(updates, RANK, refine="projection")
   noise = updates - problem.truth
   updates[boosted[0]] = 10.0 * problem.truth[boosted[0]] + noise[boosted[0]]
   updates[boosted[1]] = -5.0 * problem.truth[boosted[1]] + noise[boosted[1]]
-  result = clair_jax.clair(updates, RANK)
+  result = clair_jax.clair(updates, RANK, refine="projection")
   np.testing.assert_array_equal(result.contaminated, problem.contaminated)
   bad = problem.contaminated
   np.testing.assert_array_equal(np.asarray(result.refined)[bad], updates[bad])
@@ -98,12 +98,18 @@ def test_refined_outputs_and_in_subspace_boosts():
   error = lambda refined: np.sum((np.asarray(refined)[others] - problem.truth[others]) ** 2,
                                  axis=(1, 2))
   assert np.all(error(result.refined) <= 1.05 * error(clean.refined))
+  # The default (pooled) refine: the boosted clients do not pull the others either.
+  pooled_clean = clair_jax.clair(np.array(problem.updates), RANK)
+  pooled = clair_jax.clair(updates, RANK)
+  np.testing.assert_array_equal(pooled.contaminated, problem.contaminated)
+  assert np.mean(error(pooled.refined)) <= 1.1 * np.mean(error(pooled_clean.refined))
 
 
 def test_options_are_honoured():
   problem = make_problem(fraction=0.2, noise=0.02, rank=RANK, seed=61)
   result = clair_jax.clair(problem.updates, RANK, lam_low_rank=0.7, lam_sparse=0.9,
-                           noise_level=0.02, contaminated_output="project")
+                           noise_level=0.02, contaminated_output="project",
+                           refine="projection")
   np.testing.assert_allclose(float(result.lam_low_rank), 0.7, rtol=1e-5)
   np.testing.assert_allclose(float(result.lam_sparse), 0.9, rtol=1e-5)
   np.testing.assert_allclose(float(result.noise_level), 0.02, rtol=1e-5)

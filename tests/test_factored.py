@@ -64,10 +64,13 @@ def test_refined_shapes_and_kept_clients():
   factored, _, contaminated = lora_problem()
   result = clair_jax.clair(factored, RANK)   # dispatch from clair()
   num_clients, m, q = factored.left.shape
-  assert result.refined.left.shape == (num_clients, m, max(RANK, q))
-  # Benign clients share the factor U (first r columns); kept clients are as sent.
+  width = result.refine_subspace.shape[1]
+  assert result.refined.left.shape == (num_clients, m, max(width, q))
+  # Benign clients share the refine factor U_R; kept clients are as sent.
   benign = np.flatnonzero(~contaminated)
-  np.testing.assert_allclose(result.refined.left[benign[0], :, :RANK], result.subspace)
+  np.testing.assert_allclose(result.refined.left[benign[0], :, :width], result.refine_subspace,
+                             atol=1e-6)
+  np.testing.assert_allclose(result.refined.left[benign[-1]], result.refined.left[benign[0]])
   bad = np.flatnonzero(contaminated)
   np.testing.assert_array_equal(result.refined.left[bad, :, :q], factored.left[bad])
   np.testing.assert_allclose(result.refined.dense()[bad], factored.dense()[bad], rtol=1e-6)

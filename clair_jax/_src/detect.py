@@ -145,6 +145,7 @@ class Clients(NamedTuple):
   own_tail: jax.Array | None  # (K,) spectral tail beyond rank r (client_spectra), or None
   weights: jax.Array          # (K,) 1 / size of the client's near-duplicate group; 0 inactive
   width: jax.Array            # (K,) columns each client's noise spans (ClientSpectra.width)
+  representative: jax.Array   # (K,) bool, one client per near-duplicate group
 
 
 def prepare_clients(columns: jax.Array, active: jax.Array,
@@ -160,8 +161,8 @@ def prepare_clients(columns: jax.Array, active: jax.Array,
   own_tail = None if spectra is None else spectra.tail
   width = (jnp.full(active.shape, columns.shape[2], columns.dtype) if spectra is None
            else spectra.width)
-  weights = duplicate_weights(columns, active, energy, own_tail, rank, width)
-  return Clients(columns, active, energy, own_tail, weights, width)
+  weights, representative = duplicate_weights(columns, active, energy, own_tail, rank, width)
+  return Clients(columns, active, energy, own_tail, weights, width, representative)
 
 
 # Relative distance below which two clients' updates count as the same (round-off).
@@ -195,8 +196,8 @@ def duplicate_weights(columns: jax.Array, active: jax.Array, energy: jax.Array,
   (up to round-off) are grouped.
 
   Returns:
-    ``(K,)`` weights: ``1 / #{j active: j near-duplicate of k}`` (``k`` included), 0 for
-    inactive clients.
+    ``((K,) weights, (K,) representatives)``: ``1 / #{j active: j near-duplicate of k}``
+    (``k`` included; 0 for inactive clients), and one client per group (the first).
   """
   m, _, n = columns.shape
   inner = jnp.einsum("mkn,mjn->kj", columns, columns)
@@ -209,7 +210,10 @@ def duplicate_weights(columns: jax.Array, active: jax.Array, energy: jax.Array,
   same = (distance <= bound) & active[:, None] & active[None, :]
   same = same | jnp.diag(active)
   group = jnp.sum(same, axis=1)
-  return jnp.where(active, 1.0 / jnp.maximum(group, 1), 0.0).astype(columns.dtype)
+  weights = jnp.where(active, 1.0 / jnp.maximum(group, 1), 0.0).astype(columns.dtype)
+  # One representative per group: no earlier client is its near-duplicate.
+  earlier = jnp.arange(same.shape[0])[None, :] < jnp.arange(same.shape[0])[:, None]
+  return weights, active & ~jnp.any(same & earlier, axis=1)
 
 
 def residual_norms(columns: jax.Array, subspace: jax.Array,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clair_jax._src import detect
+from clair_jax._src import refine as refine_lib
 from clair_jax._src import solver
 from clair_jax._src import validate
 from clair_jax._src.prox import safe_norm
@@ -73,6 +74,18 @@ class ClairOptions(NamedTuple):
       shares the row space (each update is transposed, ``U`` is ``n x r``).
     contaminated_output: ``"keep"`` returns flagged clients as sent; ``"project"`` projects
       the finite ones onto the subspace too (non-finite ones are still returned as sent).
+    refine: ``"pool"`` (default): partial pooling of the benign clients inside a refine
+      subspace chosen from data (:func:`clair_jax.refine_updates`):
+      ``U_R (C_bar + S (C_k - C_bar))``; ``"projection"``: the paper's ``U U^T D_k`` with
+      the detection subspace (rank ``r``).
+    refine_strength: ``"auto"`` (default, server-only empirical-Bayes shrinkage) or a
+      float in ``[0, 1]`` (``1`` keeps each client's own coefficients, ``0`` gives every
+      benign client the pooled update; e.g. from :func:`clair_jax.choose_strength`, a
+      federated evaluation round).
+    refine_rank: refine rank (``None``: chosen from data, decoupled from ``rank``).
+    refine_max_rank: static width of the refine subspace (default ``min(m, K n, 64)``).
+    subspace_noise: per-entry noise std *inside* the subspace, if clients measured it
+      (e.g. from two half-data updates); default: taken equal to the off-subspace noise.
   """
 
   lam_low_rank: float | None = None
@@ -92,6 +105,11 @@ class ClairOptions(NamedTuple):
   svt_width: int | None = None
   side: str = "left"
   contaminated_output: str = "keep"
+  refine: str = "pool"
+  refine_strength: float | str = "auto"
+  refine_rank: int | None = None
+  refine_max_rank: int | None = None
+  subspace_noise: float | None = None
 
 
 class ClairResult(NamedTuple):
@@ -113,7 +131,8 @@ class ClairResult(NamedTuple):
       log-scores.
     subspace: ``(m, r)`` orthonormal, top-``r`` left singular vectors of the benign clients'
       updates (``(n, r)`` with ``side="right"``).
-    refined: ``(K, m, n)`` benign ``U U^T D_k``; contaminated as sent (see options).
+    refined: ``(K, m, n)`` benign clients refined (partial pooling by default, see the
+      ``refine`` option); contaminated ones as sent (see options).
     low_rank, sparse: ``(K, m, n)`` blocks of the convex decomposition ``M = L + S + E``.
     convex_contaminated: ``(K,)`` bool, clients whose convex ``S_k`` is nonzero.
     noise_level: estimated noise std per entry (input units).
@@ -123,6 +142,17 @@ class ClairResult(NamedTuple):
     trim_steps: trimming iterations of the winning start.
     start: where the winning benign set grew from: 0 the convex solution, 1 the consensus
       search, 2 the complement of the consensus (see ``START_NAMES``).
+    consensus: ``(m, n)`` one update for servers that broadcast a single model:
+      ``U_R C_bar``, the refine subspace times the robust centre of the benign clients'
+      coefficients.
+    refine_subspace: ``(m, w)`` the refine subspace ``U_R`` (columns beyond
+      ``refine_rank`` are zero); refined benign updates are ``U_R (C_bar + S (C_k -
+      C_bar))``, a LoRA update of rank ``refine_rank`` on the ``m`` side.
+    refine_rank: int32, directions of ``U_R`` used.
+    refine_strength: ``(w,)`` pooling strength ``S`` per direction of ``U_R`` (0 pools fully,
+      1 keeps each client's own coefficients).
+    duplicate_weights: ``(K,)`` ``1 / size`` of each client's near-duplicate group (1 for
+      independent clients): every count, median and fit counts a group once.
   """
 
   contaminated: jax.Array
@@ -145,6 +175,11 @@ class ClairResult(NamedTuple):
   max_steps: jax.Array
   trim_steps: jax.Array
   start: jax.Array
+  consensus: jax.Array
+  refine_subspace: jax.Array
+  refine_rank: jax.Array
+  refine_strength: jax.Array
+  duplicate_weights: jax.Array
 
   @property
   def benign(self) -> jax.Array:
@@ -180,6 +215,21 @@ def _options(options: dict) -> ClairOptions:
   if opts.contaminated_output not in ("keep", "project"):
     raise ValueError(
         f"contaminated_output must be 'keep' or 'project'; got {opts.contaminated_output!r}")
+  if opts.refine not in ("pool", "projection"):
+    raise ValueError(f"refine must be 'pool' or 'projection'; got {opts.refine!r}")
+  if isinstance(opts.refine_strength, str):
+    if opts.refine_strength != "auto":
+      raise ValueError(
+          f"refine_strength must be 'auto' or a float in [0, 1]; got {opts.refine_strength!r}")
+  elif not 0.0 <= float(opts.refine_strength) <= 1.0:
+    raise ValueError(f"refine_strength must be in [0, 1]; got {opts.refine_strength}")
+  for name in ("refine_rank", "refine_max_rank"):
+    value = getattr(opts, name)
+    if value is not None and not (isinstance(value, numbers.Integral)
+                                  and not isinstance(value, bool) and value >= 0):
+      raise ValueError(f"{name} must be a nonnegative int or None; got {value!r}")
+  if opts.subspace_noise is not None and not float(opts.subspace_noise) >= 0:
+    raise ValueError(f"subspace_noise must be >= 0 or None; got {opts.subspace_noise}")
   if opts.svt_method not in solver.SVT_METHODS:
     raise ValueError(f"svt_method must be one of {solver.SVT_METHODS}; got {opts.svt_method!r}")
   if opts.svt_width is not None and not (isinstance(opts.svt_width, numbers.Integral)
@@ -328,7 +378,7 @@ def _robust_split(x_n, active, rank, opts: ClairOptions):
 
 def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
                weight_shape: tuple[int, int] | None = None, *,
-               gather: bool = True) -> ClairResult:
+               gather: bool = True, refine_blocks=None) -> ClairResult:
   """The traced body of :func:`clair` (no validation; ``rank`` and ``opts`` static).
 
   ``weight_shape`` is the ``(m, n)`` used in the noise degrees of freedom ``(m - r) n``
@@ -394,12 +444,25 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
 
   benign = split.benign & active
   contaminated = ~benign
-  projected = project_onto_subspace(x, split.subspace)
-  if opts.contaminated_output == "project":
-    keep_as_sent = ~active
+  if refine_blocks is None:
+    refinement = refine_stage(x_n, benign, clients.representative, split.subspace, opts,
+                              data_scale)
   else:
-    keep_as_sent = contaminated
-  refined = jnp.where(keep_as_sent[:, None, None], updates, projected.astype(updates.dtype))
+    # The factored path: the same clients in coordinates shared by every client on both
+    # sides (Q^T D_k P), where pooling is exact; `refined` is rebuilt by the caller.
+    refine_x = jnp.where(active[:, None, None], refine_blocks, 0.0) / data_scale
+    refinement = refine_stage(refine_x, benign, clients.representative, split.subspace,
+                              opts, data_scale)
+  pooled = refinement.refined * data_scale
+  if refine_blocks is not None:
+    pooled = x_n * data_scale  # placeholder of the right shape; the caller replaces it
+  if opts.contaminated_output == "project":
+    projected = project_onto_subspace(x, split.subspace)
+    refined = jnp.where(benign[:, None, None], pooled,
+                        jnp.where(active[:, None, None], projected, x))
+  else:
+    refined = jnp.where(benign[:, None, None], pooled, x)
+  refined = jnp.where(active[:, None, None], refined.astype(updates.dtype), updates)
   status = jnp.where(jnp.any(active), decomposition.status, solver.NO_FINITE_CLIENTS)
   return ClairResult(
       contaminated=contaminated,
@@ -423,7 +486,47 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
       trim_steps=split.num_steps,
       start=jnp.where(use_robust, jnp.where(take_complement, START_COMPLEMENT, START_CONSENSUS),
                       START_CONVEX).astype(jnp.int32),
+      consensus=(refinement.consensus * data_scale).astype(updates.dtype),
+      refine_subspace=refinement.subspace,
+      refine_rank=refinement.rank,
+      refine_strength=refinement.strength,
+      duplicate_weights=clients.weights,
   )
+
+
+def refine_stage(x_n, benign, representative, subspace, opts: ClairOptions,
+                 data_scale=1.0) -> refine_lib.Refinement:
+  """Refine: partial pooling in a data-chosen subspace, or the paper's projection.
+
+  ``x_n`` are the (normalised) updates, ``benign`` the detected benign set and
+  ``representative`` one client per near-duplicate group (the pooling statistics count
+  each group once). With ``opts.refine == "projection"`` every benign client gets
+  ``U U^T D_k`` with the detection subspace ``U``, and the consensus is ``U C_bar``.
+  """
+  if opts.refine == "projection":
+    coefficients = jnp.einsum("mr,kmn->krn", subspace, x_n)
+    voters = benign & representative
+    centre = refine_lib.geometric_median(coefficients, voters.astype(x_n.dtype))
+    rank = subspace.shape[1]
+    return refine_lib.Refinement(
+        subspace=subspace, rank=jnp.asarray(rank, jnp.int32), centre=centre,
+        strength=jnp.ones((rank,), x_n.dtype),
+        refined=jnp.einsum("mr,krn->kmn", subspace, coefficients),
+        consensus=subspace @ centre, coefficients=coefficients, benign=benign,
+        noise_level=jnp.asarray(jnp.nan, x_n.dtype),
+        subspace_noise=jnp.asarray(jnp.nan, x_n.dtype),
+        singular_values=jnp.zeros((rank,), x_n.dtype), threshold=jnp.zeros((), x_n.dtype),
+        saturated=jnp.asarray(False))
+  num_clients, m, n = x_n.shape
+  max_rank = opts.refine_max_rank or refine_lib.default_max_rank(m, n, num_clients)
+  max_rank = max(1, min(max_rank, m, num_clients * n))
+  strength = None if opts.refine_strength == "auto" else float(opts.refine_strength)
+  inside = (jnp.nan if opts.subspace_noise is None
+            else jnp.asarray(opts.subspace_noise, x_n.dtype) / data_scale)
+  rank = None if opts.refine_rank is None else min(opts.refine_rank, max_rank)
+  return refine_lib._refine(x_n, benign, jnp.asarray(jnp.nan, x_n.dtype),  # pylint: disable=protected-access
+                            jnp.asarray(inside, x_n.dtype), rank, strength,
+                            max_rank=max_rank, voters=representative)
 
 
 def _eigengap_rank(singular_values: np.ndarray, max_rank: int) -> int:

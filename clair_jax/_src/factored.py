@@ -341,9 +341,20 @@ def clair_factored_core(factored: FactoredUpdates, client_weights, rank: int,
   num_clients, m, n = factored.shape
   data_dtype = jnp.result_type(factored.left.dtype, factored.right.dtype)
   reduction = reduce_factored(factored)
-  # `refined` of the reduced run is discarded (rebuilt factored below); opts are shared.
+  # The refine pools clients, so it needs coordinates shared by all clients on the right
+  # side too: W_k = Q^T A_k B_k P with P an orthonormal basis of span(B_1^T, ..., B_K^T)
+  # (D_k = Q W_k P^T exactly; p x min(n, K q) per client, never m x n).
+  compute = reduction.blocks.dtype
+  left = jnp.where(reduction.active[:, None, None], factored.left.astype(compute), 0.0)
+  right = jnp.where(reduction.active[:, None, None], factored.right.astype(compute), 0.0)
+  row_basis = column_basis(jnp.swapaxes(right, 1, 2))               # (n, n') or None
+  left_reduced = left if reduction.basis is None else jnp.einsum("mp,kmq->kpq",
+                                                                  reduction.basis, left)
+  right_reduced = right if row_basis is None else jnp.einsum("kqn,ns->kqs", right, row_basis)
+  common = jnp.einsum("kpq,kqs->kps", left_reduced, right_reduced)
   core = estimator.clair_core(reduction.blocks, client_weights, rank, opts,
-                              weight_shape=(m, n) if dense_weights else None)
+                              weight_shape=(m, n) if dense_weights else None,
+                              refine_blocks=common)
   subspace = (core.subspace if reduction.basis is None
               else reduction.basis @ core.subspace)                 # (m, r)
   if opts.contaminated_output == "project":
@@ -352,7 +363,57 @@ def clair_factored_core(factored: FactoredUpdates, client_weights, rank: int,
     keep_as_sent = core.contaminated
   return core._replace(
       subspace=subspace,
-      refined=refine_factored(factored, subspace, keep_as_sent),
+      refined=refine_pooled_factored(factored, core, reduction.basis, row_basis, left_reduced,
+                                     right_reduced, core.contaminated, keep_as_sent, subspace),
+      consensus=_consensus_factored(core, reduction.basis, row_basis, data_dtype),
+      refine_subspace=_lift(reduction.basis, core.refine_subspace),
       low_rank=_embed(reduction, core.low_rank, data_dtype),
       sparse=_embed(reduction, core.sparse, data_dtype),
   )
+
+
+def _lift(basis, reduced):
+  """``Q X`` (``Q`` the column basis; ``None`` is the identity)."""
+  return reduced if basis is None else basis @ reduced
+
+
+def _consensus_factored(core, column_basis_, row_basis, data_dtype) -> FactoredUpdates:
+  """The consensus ``U_R C_bar`` as one factored update (``K = 1``), lifted from the
+  shared coordinates: ``left = Q U_R``, ``right = C_bar P^T``."""
+  left = _lift(column_basis_, core.refine_subspace)                           # (m, w)
+  centre = core.refine_subspace.T @ core.consensus                            # (w, n')
+  right = centre if row_basis is None else centre @ row_basis.T               # (w, n)
+  return FactoredUpdates(left[None].astype(data_dtype), right[None].astype(data_dtype))
+
+
+def refine_pooled_factored(factored, core, column_basis_, row_basis, left_reduced,
+                           right_reduced, contaminated, keep_as_sent,
+                           detection_subspace) -> FactoredUpdates:
+  """Refined updates, still factored, from the pooled refine of :func:`clair_core`.
+
+  A benign client is ``left = Q U_R`` (``m x w``, shared) and ``right = (C_bar + S (C_k -
+  C_bar)) P^T`` (``w x n``, its own), with ``C_k = U_R^T Q^T D_k P``; width
+  ``max(w, q)``; a client kept as sent is ``[A_k, 0]``, ``[B_k; 0]``; a contaminated
+  client not kept (``contaminated_output="project"``) is projected on the detection
+  subspace (:func:`refine_factored`). With ``refine="projection"`` the refine subspace is
+  the detection subspace and ``S = 1``.
+  """
+  num_clients, m, q = factored.left.shape
+  subspace = core.refine_subspace                                     # (p, w), reduced
+  width = subspace.shape[1]
+  out_width = max(width, q)
+  dtype = factored.left.dtype
+  coefficients = jnp.einsum("pw,kpq,kqs->kws", subspace, left_reduced, right_reduced)
+  centre = subspace.T @ core.consensus                                # (w, n')
+  strength = core.refine_strength
+  own = centre[None] + strength[None, :, None] * (coefficients - centre[None])
+  own = own if row_basis is None else jnp.einsum("kws,ns->kwn", own, row_basis)
+  shared = jnp.broadcast_to(_lift(column_basis_, subspace), (num_clients, m, width))
+  pad = lambda x, axis: jnp.pad(x, [(0, out_width - x.shape[axis]) if a == axis else (0, 0)
+                                    for a in range(3)])
+  projected = refine_factored(factored, detection_subspace, keep_as_sent)
+  projected_left, projected_right = pad(projected.left, 2), pad(projected.right, 1)
+  benign = (~contaminated)[:, None, None]
+  out_left = jnp.where(benign, pad(shared.astype(dtype), 2), projected_left)
+  out_right = jnp.where(benign, pad(own.astype(dtype), 1), projected_right)
+  return FactoredUpdates(out_left, out_right)
