@@ -1,4 +1,4 @@
-"""Command-line entry point: ``clair-jax {demo,synthetic,text-copy}``.
+"""Command-line entry point: ``clair-jax {demo,synthetic,text-copy,heterogeneity}``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported lazily so ``clair-jax --help`` stays fast and
@@ -16,6 +16,8 @@ _SUBCOMMANDS = {
     "demo": ("clair_jax.demo", "CPU demo: CLAIR on generated data, prints what it found"),
     "synthetic": ("clair_jax.studies.synthetic_study", "synthetic study vs robust baselines"),
     "text-copy": ("clair_jax.text_copy.cli", "federated LoRA text-copy experiment"),
+    "heterogeneity": ("clair_jax.studies.heterogeneity_study",
+                      "refine vs projection, pooled mean and global rules across heterogeneity"),
 }
 
 

@@ -30,22 +30,83 @@ benign update (defaults per attack in :data:`DEFAULT_ATTACK_SCALE`):
 - ``nonfinite``: benign-looking updates in which entries are NaN (even-numbered attackers)
   or +/-Inf (odd-numbered attackers).
 
+The attacks of the Byzantine-robust FL literature (:data:`LITERATURE_ATTACKS`, computed by
+:mod:`clair_jax.attacks`) are omniscient: every client first draws its honest noisy update
+``Delta_k + E_k`` as above (the benign clients are the same draws as for the model attacks
+with the same key), then the contaminated clients replace theirs by the attack computed from
+the benign clients' noisy updates, with the papers' default parameters; ``truth`` stays the
+honest ``Delta_k``. By default all attackers send one vector; ``attacker_noise`` adds
+independent ``N(0, (attacker_noise * sigma)^2)`` noise per attacker and entry (a fraction of
+the benign noise level). ``attack_scale`` overrides the attack's strength parameter
+(:data:`clair_jax.attacks.STRENGTH_PARAMS`). Names:
+
+- ``alie``; ``ipm_small`` / ``ipm_large`` (``epsilon`` 0.1 / 100);
+- ``min_max_uv`` / ``min_max_std`` / ``min_sum_uv`` / ``min_sum_std`` (unit-vector or std
+  perturbation, uncapped gamma search);
+- ``opt_alie`` / ``opt_ipm`` (line-searched against the coordinate median);
+- ``mimic``; ``sign_flip_mean`` (``-mu``; the model attack ``sign_flip`` above is the older
+  own-update flip); ``gaussian``;
+- ``tilt`` (each attacker's own honest update plus one shared off-subspace direction of one
+  benign noise norm, subspace and noise estimated from the benign updates at rank ``r``);
+  ``boost_10`` / ``boost_100`` (the benign mean projected onto the benign top-``r`` subspace,
+  times 10 / 100).
+
+:data:`ADAPTIVE_ATTACKS` (``adaptive_alie``, ``adaptive_tilt``) are white-box: for each
+strength in a small grid the problem is built and ``objective(problem)`` evaluated (the
+caller passes it, e.g. CLAIR's benign error); the most damaging problem is returned
+(:func:`make_attacked_problem` also reports the strength).
+
 The regression setting (:func:`make_regression_problem`) is where the paper starts from:
 client ``k`` holds ``(X_k, Y_k)`` with ``Y_k = X_k B_k + noise`` and its preliminary
 estimate is ridge/OLS, ``Dhat_k = (X_k^T X_k + lam I)^{-1} X_k^T Y_k``; benign clients have
-``B_k = Delta_k`` and contaminated ones poison their targets with the attack's coefficients.
+``B_k = Delta_k`` and contaminated ones poison their targets with the attack's coefficients
+(model attacks only: the literature's attacks act on updates, not on data).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-ATTACKS = ("random", "coherent", "overlap", "sparse", "boosted", "sign_flip", "nonfinite")
+from clair_jax import attacks as attacks_lib
+
+# Attacks drawn from a model of the attacker (the original set; the default study grid).
+MODEL_ATTACKS = ("random", "coherent", "overlap", "sparse", "boosted", "sign_flip", "nonfinite")
+
+# name -> (clair_jax.attacks function, fixed parameters). ``own`` passes each attacker's own
+# honest update as ``own_updates``; ``rank`` passes the problem's rank.
+LITERATURE_SPECS = {
+    "alie": ("alie", {}),
+    "ipm_small": ("ipm", {"epsilon": 0.1}),
+    "ipm_large": ("ipm", {"epsilon": 100.0}),
+    "min_max_uv": ("min_max", {"perturbation": "unit_vec"}),
+    "min_max_std": ("min_max", {"perturbation": "std"}),
+    "min_sum_uv": ("min_sum", {"perturbation": "unit_vec"}),
+    "min_sum_std": ("min_sum", {"perturbation": "std"}),
+    "opt_alie": ("opt_alie", {}),
+    "opt_ipm": ("opt_ipm", {}),
+    "mimic": ("mimic", {}),
+    "sign_flip_mean": ("sign_flip", {}),
+    "gaussian": ("gaussian", {}),
+    "tilt": ("tilt", {"own": True, "rank": True}),
+    "boost_10": ("boost", {"factor": 10.0, "rank": True}),
+    "boost_100": ("boost", {"factor": 100.0, "rank": True}),
+}
+LITERATURE_ATTACKS = tuple(LITERATURE_SPECS)
+
+# name -> (literature attack whose strength is searched, default strength grid).
+ADAPTIVE_SPECS = {
+    "adaptive_alie": ("alie", (0.25, 0.5, 1.0, 2.0, 4.0)),
+    "adaptive_tilt": ("tilt", (0.25, 0.5, 1.0, 2.0, 4.0)),
+}
+ADAPTIVE_ATTACKS = tuple(ADAPTIVE_SPECS)
+
+ATTACKS = MODEL_ATTACKS + LITERATURE_ATTACKS + ADAPTIVE_ATTACKS
 
 DEFAULT_ATTACK_SCALE = {
     "random": 1.0,
@@ -175,9 +236,10 @@ def _coefficients(shared, own, m, rank, heterogeneity):
   return math.sqrt(m / rank) * mix
 
 
-def _check_sizes(num_clients, m, n, rank, fraction, noise, heterogeneity, attack):
-  if attack not in ATTACKS:
-    raise ValueError(f"unknown attack {attack!r}; choose one of {ATTACKS}")
+def _check_sizes(num_clients, m, n, rank, fraction, noise, heterogeneity, attack,
+                 allowed=ATTACKS):
+  if attack not in allowed:
+    raise ValueError(f"unknown attack {attack!r}; choose one of {allowed}")
   if min(num_clients, m, n, rank) < 1:
     raise ValueError(
         f"sizes must be positive, got num_clients={num_clients}, m={m}, n={n}, rank={rank}"
@@ -273,6 +335,9 @@ def make_problem(
     separation: float | None = None,
     spike_rows: int = 2,
     dtype=jnp.float32,
+    attacker_noise: float = 0.0,
+    attack_options: dict | None = None,
+    objective: Callable[[SyntheticProblem], float] | None = None,
 ) -> SyntheticProblem:
   """Draws client updates ``Dhat_k`` with a known subspace and contaminated set.
 
@@ -287,17 +352,37 @@ def make_problem(
     noise: per-entry noise std ``sigma`` (signal entries have unit variance).
     heterogeneity: ``h`` in ``[0, 1]``; ``0`` means identical benign clients, ``1`` means
       independent coefficients inside the shared subspace.
-    attack_scale: attacker norm relative to a benign update; ``None`` uses
-      :data:`DEFAULT_ATTACK_SCALE`.
+    attack_scale: model attacks: attacker norm relative to a benign update (``None`` uses
+      :data:`DEFAULT_ATTACK_SCALE`); literature attacks: the value of the attack's strength
+      parameter (:data:`clair_jax.attacks.STRENGTH_PARAMS`, e.g. ALIE's ``z``; ``None``: the
+      paper's default); adaptive attacks: a fixed strength instead of the search.
     separation: sine of the principal angles between the attackers' and the benign subspace
       (``coherent``, ``overlap``, ``boosted``); ``None`` uses :data:`DEFAULT_SEPARATION`.
     spike_rows: rows hit by the ``sparse`` attack.
     dtype: float dtype of the arrays.
+    attacker_noise: literature and adaptive attacks only: independent per-attacker noise,
+      as a fraction of ``noise`` (``0``: identical attackers).
+    attack_options: literature and adaptive attacks only: extra keywords for the
+      :mod:`clair_jax.attacks` function (e.g. ``{"perturbation": "sign"}``); for adaptive
+      attacks ``"strengths"`` replaces the searched grid.
+    objective: adaptive attacks only: ``problem -> float`` to maximise.
 
   Returns:
     A :class:`SyntheticProblem`.
   """
+  if attack in LITERATURE_SPECS or attack in ADAPTIVE_SPECS:
+    return make_attacked_problem(
+        key, num_clients=num_clients, m=m, n=n, rank=rank, fraction=fraction, attack=attack,
+        noise=noise, heterogeneity=heterogeneity, attack_scale=attack_scale,
+        attacker_noise=attacker_noise, attack_options=attack_options, objective=objective,
+        dtype=dtype,
+    ).problem
   _check_sizes(num_clients, m, n, rank, fraction, noise, heterogeneity, attack)
+  if attacker_noise != 0 or attack_options or objective is not None:
+    raise ValueError(
+        f"attacker_noise, attack_options and objective apply to the literature and adaptive "
+        f"attacks, not to {attack!r}"
+    )
   if not 1 <= spike_rows <= m:
     raise ValueError(f"spike_rows must be in [1, m={m}], got {spike_rows}")
   scale = DEFAULT_ATTACK_SCALE[attack] if attack_scale is None else float(attack_scale)
@@ -358,6 +443,146 @@ def _problem_arrays(
     attacked = jnp.where(jnp.isnan(attacked) & odd, infs, attacked)
   updates = jnp.where(contaminated[:, None, None], attacked + noise_draw, truth + noise_draw)
   return updates, truth, subspace, contaminated
+
+
+class AttackedProblem(NamedTuple):
+  """Output of :func:`make_attacked_problem`.
+
+  Attributes:
+    problem: the :class:`SyntheticProblem`.
+    strength: the attack's strength parameter used (``None``: the attack's own default or
+      search); for adaptive attacks, the most damaging one.
+    values: adaptive attacks: ``objective`` at each strength tried (else empty).
+    strengths: adaptive attacks: the strengths tried (else empty).
+  """
+
+  problem: SyntheticProblem
+  strength: float | None
+  values: tuple[float, ...]
+  strengths: tuple[float, ...]
+
+
+@functools.partial(jax.jit, static_argnames=("num_clients", "m", "n", "rank"))
+def _honest_arrays(key, count, noise, heterogeneity, *, num_clients, m, n, rank):
+  """Every client's honest update ``Delta_k + E_k`` (the draws of :func:`_problem_arrays`)."""
+  shapes = ((m, rank), (1, rank, n), (num_clients, rank, n), (num_clients,), (num_clients, m, n))
+  draws = _gaussians(key, shapes + _attack_shapes(num_clients, m, n, rank))
+  g_u, g_shared, g_own, g_mask, g_noise = draws[: len(shapes)]
+  subspace = _orthonormalise(g_u)
+  coef = _coefficients(g_shared, g_own, m, rank, heterogeneity)
+  truth = jnp.einsum("mr,krn->kmn", subspace, coef)
+  contaminated = _mask_from_count(g_mask, count)
+  return truth + noise * g_noise, truth, subspace, contaminated
+
+
+def literature_updates(attack: str, honest: jax.Array, contaminated, rank: int, key, *,
+                       noise: float, attacker_noise: float = 0.0, strength=None,
+                       options: dict | None = None) -> jax.Array:
+  """Client updates with the contaminated clients' replaced by a literature attack.
+
+  Args:
+    attack: one of :data:`LITERATURE_ATTACKS`.
+    honest: ``(K, m, n)`` every client's honest noisy update.
+    contaminated: ``(K,)`` bool (concrete).
+    rank: ``r`` (for ``tilt`` and ``boost``).
+    key: PRNG key of the attack's own draws and the attacker noise.
+    noise: benign per-entry noise std ``sigma``.
+    attacker_noise: per-attacker noise as a fraction of ``sigma``.
+    strength: overrides the attack's strength parameter (``STRENGTH_PARAMS``).
+    options: extra keywords for the attack function.
+
+  Returns:
+    ``(K, m, n)`` updates.
+  """
+  name, fixed = LITERATURE_SPECS[attack]
+  mask = np.asarray(contaminated)
+  attackers = np.flatnonzero(mask)
+  if attackers.size == 0:
+    return honest
+  params = {k: v for k, v in fixed.items() if k not in ("own", "rank")}
+  if fixed.get("rank"):
+    params["rank"] = rank
+  if fixed.get("own"):
+    params["own_updates"] = honest[attackers]
+  if strength is not None:
+    if name not in attacks_lib.STRENGTH_PARAMS:
+      raise ValueError(f"attack {attack!r} has no strength parameter for attack_scale")
+    params[attacks_lib.STRENGTH_PARAMS[name]] = float(strength)
+  params.update(options or {})
+  fn = attacks_lib.ATTACKS[name]
+  malicious = fn(honest, ~mask, int(attackers.size), key=key,
+                 attacker_noise=float(attacker_noise) * float(noise), **params)
+  return honest.at[attackers].set(malicious.astype(honest.dtype))
+
+
+def make_attacked_problem(
+    key: jax.Array,
+    *,
+    num_clients: int = 30,
+    m: int = 64,
+    n: int = 16,
+    rank: int = 4,
+    fraction: float = 0.2,
+    attack: str = "alie",
+    noise: float = 0.3,
+    heterogeneity: float = 0.5,
+    attack_scale: float | None = None,
+    attacker_noise: float = 0.0,
+    attack_options: dict | None = None,
+    objective: Callable[[SyntheticProblem], float] | None = None,
+    dtype=jnp.float32,
+) -> AttackedProblem:
+  """A problem under a literature or adaptive attack, with the strength it used.
+
+  Options as in :func:`make_problem` (``attack`` in :data:`LITERATURE_ATTACKS` or
+  :data:`ADAPTIVE_ATTACKS`). Eager: the attacked clients' updates are computed from the
+  concrete honest draws (the draws themselves are jitted, one compile per size).
+
+  Returns:
+    An :class:`AttackedProblem`.
+  """
+  allowed = LITERATURE_ATTACKS + ADAPTIVE_ATTACKS
+  _check_sizes(num_clients, m, n, rank, fraction, noise, heterogeneity, attack, allowed)
+  if not attacker_noise >= 0:
+    raise ValueError(f"attacker_noise must be >= 0, got {attacker_noise}")
+  count = int(round(fraction * num_clients))
+  honest, truth, subspace, contaminated = _honest_arrays(
+      key, count, noise, heterogeneity, num_clients=num_clients, m=m, n=n, rank=rank
+  )
+  attack_key = jax.random.fold_in(key, 0xA77AC)
+  options = dict(attack_options or {})
+
+  def build(name, strength):
+    updates = literature_updates(
+        name, honest, contaminated, rank, attack_key, noise=noise,
+        attacker_noise=attacker_noise, strength=strength, options=options,
+    )
+    return SyntheticProblem(
+        updates=updates.astype(dtype),
+        truth=truth.astype(dtype),
+        subspace=subspace.astype(dtype),
+        contaminated=contaminated,
+        noise=float(noise),
+    )
+
+  if attack in LITERATURE_SPECS:
+    return AttackedProblem(build(attack, attack_scale), attack_scale, (), ())
+  base, grid = ADAPTIVE_SPECS[attack]
+  grid = tuple(float(s) for s in options.pop("strengths", grid))
+  if attack_scale is not None:  # a fixed strength: no search
+    return AttackedProblem(build(base, attack_scale), float(attack_scale), (), ())
+  if objective is None:
+    raise ValueError(f"adaptive attack {attack!r} needs objective (problem -> float)")
+  if not grid:
+    raise ValueError(f"adaptive attack {attack!r}: strengths must be non-empty")
+  best, values = None, []
+  for strength in grid:
+    problem = build(base, strength)
+    value = float(objective(problem))
+    values.append(value)
+    if best is None or value > best[2] or (math.isnan(best[2]) and not math.isnan(value)):
+      best = (problem, strength, value)
+  return AttackedProblem(best[0], best[1], tuple(values), grid)
 
 
 def least_squares_estimates(
@@ -429,7 +654,8 @@ def make_regression_problem(
   Returns:
     A :class:`RegressionProblem`.
   """
-  _check_sizes(num_clients, m, n, rank, fraction, noise, heterogeneity, attack)
+  _check_sizes(num_clients, m, n, rank, fraction, noise, heterogeneity, attack,
+               allowed=MODEL_ATTACKS)
   if ridge < 0:
     raise ValueError(f"ridge must be >= 0, got {ridge}")
   if ridge == 0 and num_samples < m:

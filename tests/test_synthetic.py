@@ -16,7 +16,7 @@ def _off_subspace(x, u):
   return np.linalg.norm(x - np.einsum("mr,pr,kpn->kmn", u, u, x), axis=(1, 2))
 
 
-@pytest.mark.parametrize("attack", synthetic.ATTACKS)
+@pytest.mark.parametrize("attack", synthetic.MODEL_ATTACKS + synthetic.LITERATURE_ATTACKS)
 def test_problem_structure(attack):
   p = synthetic.make_problem(jax.random.key(1), fraction=0.3, attack=attack, noise=0.05, **SIZES)
   u, truth, x = np.asarray(p.subspace), np.asarray(p.truth), np.asarray(p.updates)
@@ -40,6 +40,62 @@ def test_problem_structure(attack):
     assert np.linalg.norm(x[c], axis=(1, 2)).mean() > 3 * np.linalg.norm(x[~c], axis=(1, 2)).mean()
   if attack == "nonfinite":
     assert np.isnan(x[c]).any() and np.isinf(x[c]).any()
+  if attack in synthetic.LITERATURE_ATTACKS:
+    spread = np.abs(x[c] - x[c][:1]).max()
+    if attack == "tilt":  # own honest update + one shared direction: distinct, same push
+      assert spread > 0
+      push = x[c] - np.asarray(p.truth)[c]  # noise + push; the push is shared and off U
+      assert _off_subspace(push.mean(0, keepdims=True), u)[0] > 0.5 * 0.05 * np.sqrt(96)
+    else:  # the papers' attackers send one vector
+      assert spread == 0
+
+
+def test_literature_attacks_share_benign_draws_and_follow_attacks_module():
+  from clair_jax import attacks
+
+  a = synthetic.make_problem(jax.random.key(5), attack="random", fraction=0.3, **SIZES)
+  b = synthetic.make_problem(jax.random.key(5), attack="alie", fraction=0.3, **SIZES)
+  c = np.asarray(a.contaminated)
+  np.testing.assert_array_equal(np.asarray(b.contaminated), c)
+  np.testing.assert_array_equal(np.asarray(a.updates)[~c], np.asarray(b.updates)[~c])
+  np.testing.assert_array_equal(np.asarray(a.truth), np.asarray(b.truth))
+  expected = attacks.alie(b.updates, ~c, int(c.sum()))[0]
+  np.testing.assert_allclose(np.asarray(b.updates)[c][0], np.asarray(expected), rtol=1e-6)
+  # attack_scale overrides the strength (ALIE's z); attacker_noise is a fraction of sigma
+  z2 = synthetic.make_problem(jax.random.key(5), attack="alie", fraction=0.3, attack_scale=2.0,
+                              **SIZES)
+  expected = attacks.alie(b.updates, ~c, int(c.sum()), z=2.0)[0]
+  np.testing.assert_allclose(np.asarray(z2.updates)[c][0], np.asarray(expected), rtol=1e-5)
+  noisy = synthetic.make_problem(jax.random.key(5), attack="alie", fraction=0.3, noise=0.5,
+                                 attacker_noise=0.2, **SIZES)
+  clean = synthetic.make_problem(jax.random.key(5), attack="alie", fraction=0.3, noise=0.5,
+                                 **SIZES)
+  diff = np.asarray(noisy.updates - clean.updates)[c]
+  np.testing.assert_allclose(diff.std(), 0.2 * 0.5, rtol=0.15)
+  assert np.abs(diff[0] - diff[1]).max() > 0
+
+
+def test_adaptive_attack_picks_the_most_damaging_strength():
+  seen = []
+
+  def objective(problem):  # damage = distance of the attackers' update from the benign mean
+    c = np.asarray(problem.contaminated)
+    x = np.asarray(problem.updates)
+    seen.append(x[c][0])
+    return float(np.linalg.norm(x[c][0] - x[~c].mean(0)))
+
+  out = synthetic.make_attacked_problem(
+      jax.random.key(0), attack="adaptive_alie", fraction=0.3, objective=objective,
+      attack_options={"strengths": (0.5, 3.0, 1.0)}, **SIZES,
+  )
+  assert out.strengths == (0.5, 3.0, 1.0) and len(out.values) == 3 and out.strength == 3.0
+  c = np.asarray(out.problem.contaminated)
+  np.testing.assert_array_equal(np.asarray(out.problem.updates)[c][0], seen[1])
+  with pytest.raises(ValueError, match="objective"):
+    synthetic.make_problem(jax.random.key(0), attack="adaptive_tilt", **SIZES)
+  fixed = synthetic.make_problem(jax.random.key(0), attack="adaptive_tilt", attack_scale=0.5,
+                                 **SIZES)
+  assert fixed.updates.shape == (20, 24, 4)
 
 
 def test_deterministic_in_key_and_contaminated_set_is_random():
@@ -104,6 +160,14 @@ def test_bad_options_raise():
     synthetic.make_problem(jax.random.key(0), m=6, rank=4)
   with pytest.raises(ValueError, match="num_samples"):
     synthetic.make_regression_problem(jax.random.key(0), m=10, num_samples=5)
+  with pytest.raises(ValueError, match="unknown attack"):
+    synthetic.make_regression_problem(jax.random.key(0), attack="alie")
+  with pytest.raises(ValueError, match="attacker_noise"):
+    synthetic.make_problem(jax.random.key(0), attack="random", attacker_noise=0.1)
+  with pytest.raises(ValueError, match="attacker_noise"):
+    synthetic.make_problem(jax.random.key(0), attack="alie", attacker_noise=-0.1)
+  with pytest.raises(ValueError, match="fraction"):
+    synthetic.make_problem(jax.random.key(0), attack="alie", fraction=1.0)
   with pytest.raises(ValueError, match=r"\(K, N, m\)"):
     synthetic.least_squares_estimates(jnp.ones((2, 5, 3)), jnp.ones((2, 4, 1)))
 

@@ -1,11 +1,13 @@
 """`clair-jax synthetic --quick` end to end: report keys, plots, README regeneration."""
 
+import argparse
 import json
 import os
 
 import pytest
 
 from clair_jax import cli
+from clair_jax import synthetic
 from clair_jax.studies import synthetic_study
 
 EXPECTED_METHODS = {
@@ -112,3 +114,70 @@ def test_regression_setting_runs_through_the_grid():
   # OLS noise is removed off the subspace: the oracle beats every client's own estimate
   assert errors["oracle"] < errors["local"]
   assert cell["methods"]["oracle"]["exact"] == 1.0
+
+
+def test_attacks_grid_end_to_end(tmp_path, capsys):
+  """A tiny `--grid attacks` run: report, table, plot and the README block (< 30 s)."""
+  from clair_jax.studies import attacks_study
+
+  out = tmp_path / "attacks"
+  readme = tmp_path / "README.md"
+  readme.write_text(
+      f"top\n{attacks_study.TABLE_BEGIN}\nstale numbers\n{attacks_study.TABLE_END}\nbottom\n"
+      f"{synthetic_study.TABLE_BEGIN}\nother table\n{synthetic_study.TABLE_END}\n"
+  )
+  status = cli.main([
+      "synthetic", "--grid", "attacks", "--quick", "--attacks", "alie", "adaptive_tilt",
+      "--out", str(out), "--readme", str(readme), "--no-progress",
+  ])
+  assert status == 0
+  report = json.loads((out / "report.json").read_text())
+  assert set(report["attacks"]) == {"alie", "adaptive_tilt", "all"}
+  assert len(report["trials"]) == 2 and len(report["cells"]) == 2
+  trial = report["trials"][0]
+  peers = attacks_study.available_peers()
+  references = {"oracle"} | ({"clair_given_benign"}
+                             if hasattr(synthetic_study.baselines, "clair_given_benign") else set())
+  assert set(trial["errors"]) == set(peers) | {"clair"} | references
+  assert {"precision", "recall", "noise_ratio"} <= set(trial["clair"])
+  adaptive = [t for t in report["trials"] if t["attack"] == "adaptive_tilt"][0]
+  assert adaptive["strength"] in synthetic.ADAPTIVE_SPECS["adaptive_tilt"][1]
+  for cell in report["cells"]:
+    assert cell["passed"] == (cell["within_oracle"] and cell["at_most_best_peer"])
+    assert cell["errors"]["oracle"] < cell["errors"]["local"]
+  check = report["checks"]["clair_within_oracle_and_best_peer"]
+  assert check["cells"] == 2 and check["passed"] == (not check["failures"])
+  data = (out / "attacks_vs_contamination.png").read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n"
+  table = (out / "table.md").read_text()
+  assert table.startswith("| attack | CLAIR/oracle | worst |")
+  assert "| precision | recall | local |" in table.splitlines()[0]
+  assert "| alie |" in table and "| adaptive_tilt |" in table
+  text = readme.read_text()
+  assert "stale numbers" not in text and "other table" in text and text.startswith("top\n")
+  inside = text.split(attacks_study.TABLE_BEGIN)[1].split(attacks_study.TABLE_END)[0]
+  assert "| alie |" in inside
+  assert "updated the attacks table" in capsys.readouterr().out
+
+
+def test_attacks_grid_options():
+  from clair_jax.studies import attacks_study
+
+  parser = argparse.ArgumentParser()
+  synthetic_study.add_arguments(parser)
+  args = parser.parse_args(["--out", "x", "--attacks", "alie,tilt", "mimic", "--shapes",
+                            "20x32x8x2,10x16x4x2", "--seeds", "3,4"])
+  assert synthetic_study.uses_attacks_grid(args)
+  config = attacks_study.config_from_args(args)
+  assert config.attacks == ("alie", "tilt", "mimic")
+  assert config.shapes == ((20, 32, 8, 2), (10, 16, 4, 2)) and config.seeds == (3, 4)
+  assert config.fractions == attacks_study.AttacksConfig().fractions
+  default = parser.parse_args(["--out", "x"])
+  assert not synthetic_study.uses_attacks_grid(default)
+  assert synthetic_study.config_from_args(default).attacks == synthetic.MODEL_ATTACKS
+  with pytest.raises(ValueError, match="KxMxNxR"):
+    attacks_study.config_from_args(parser.parse_args(["--out", "x", "--grid", "attacks",
+                                                      "--shapes", "20x32x8"]))
+  with pytest.raises(ValueError, match="fractions"):
+    attacks_study.config_from_args(parser.parse_args(["--out", "x", "--grid", "attacks",
+                                                      "--fractions", "0.6"]))

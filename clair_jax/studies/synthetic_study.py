@@ -19,6 +19,10 @@ and the plots ``benign_error_vs_contamination.png``, ``detection_phase_diagram.p
 ``client_scores.png``. ``--readme PATH`` replaces the text between
 ``<!-- synthetic-table:begin -->`` and ``<!-- synthetic-table:end -->`` in ``PATH`` by the
 table, so README numbers are always regenerated, never typed.
+
+``--grid attacks`` (or naming a literature attack in ``--attacks``) runs the other grid, the
+attacks of the Byzantine-robust FL literature over shapes, heterogeneity, fractions and
+seeds: see :mod:`clair_jax.studies.attacks_study`.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ class StudyConfig(NamedTuple):
   rank: int = 4
   heterogeneity: float = 0.5
   fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
-  attacks: tuple[str, ...] = synthetic.ATTACKS
+  attacks: tuple[str, ...] = synthetic.MODEL_ATTACKS
   noises: tuple[float, ...] = (0.1, 0.3, 0.6)
   separations: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
   trials: int = 2
@@ -526,21 +530,24 @@ def score_examples(config: StudyConfig, noise: float):
 # --------------------------------------------------------------------------- README
 
 
-def replace_between_markers(path: str, text: str) -> None:
-  """Replaces the lines between :data:`TABLE_BEGIN` and :data:`TABLE_END` in ``path``.
+def replace_between_markers(path: str, text: str, begin: str = TABLE_BEGIN,
+                            end_marker: str = TABLE_END) -> None:
+  """Replaces the lines between ``begin`` and ``end_marker`` in ``path``.
+
+  Defaults: :data:`TABLE_BEGIN` and :data:`TABLE_END` (the attacks grid uses its own pair).
 
   Raises:
     ValueError: if the markers are missing or out of order.
   """
   with open(path, encoding="utf-8") as f:
     content = f.read()
-  start = content.find(TABLE_BEGIN)
-  end = content.find(TABLE_END)
+  start = content.find(begin)
+  end = content.find(end_marker)
   if start < 0 or end < 0 or end < start:
     raise ValueError(
-        f"{path} must contain the lines {TABLE_BEGIN!r} and {TABLE_END!r} (in that order)"
+        f"{path} must contain the lines {begin!r} and {end_marker!r} (in that order)"
     )
-  head = content[: start + len(TABLE_BEGIN)]
+  head = content[: start + len(begin)]
   new = head + "\n" + text.rstrip("\n") + "\n" + content[end:]
   with open(path, "w", encoding="utf-8") as f:
     f.write(new)
@@ -554,6 +561,13 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
   except ValueError as e:
     raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
 
 
 def _attacks(text: str) -> tuple[str, ...]:
@@ -573,8 +587,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--fractions", type=_floats, default=None,
                       help="contaminated fractions (default "
                       f"{','.join(map(str, default.fractions))})")
-  parser.add_argument("--attacks", type=_attacks, default=None,
-                      help=f"attacks (default all: {','.join(synthetic.ATTACKS)})")
+  parser.add_argument("--attacks", type=_attacks, nargs="+", default=None,
+                      help="attacks, comma- or space-separated (default grid: "
+                      f"{','.join(synthetic.MODEL_ATTACKS)}; --grid attacks: "
+                      f"{','.join(synthetic.LITERATURE_ATTACKS + synthetic.ADAPTIVE_ATTACKS)}). "
+                      "Naming a literature attack selects --grid attacks")
+  parser.add_argument("--grid", choices=("synthetic", "attacks"), default="synthetic",
+                      help="synthetic: fraction x attack x noise on one shape, plus the "
+                      "detection phase diagram (default); attacks: the Byzantine-robust FL "
+                      "literature's attacks over shapes x heterogeneity x fraction x seeds "
+                      "(see clair_jax.studies.attacks_study)")
+  parser.add_argument("--shapes", default=None,
+                      help="--grid attacks: KxMxNxR items, comma-separated (default "
+                      "40x64x16x4,30x96x24x6)")
+  parser.add_argument("--heterogeneities", type=_floats, default=None,
+                      help="--grid attacks: benign heterogeneities (default 0.05,0.5)")
+  parser.add_argument("--seeds", type=_ints, default=None,
+                      help="--grid attacks: seeds (default 0,1,2)")
+  parser.add_argument("--attacker-noise", type=float, default=None,
+                      help="--grid attacks: independent per-attacker noise, a fraction of "
+                      "sigma (default 0: identical attackers)")
   parser.add_argument("--noise", type=_floats, default=None,
                       help=f"noise levels sigma (default {','.join(map(str, default.noises))})")
   parser.add_argument("--separations", type=_floats, default=None,
@@ -597,13 +629,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="samples per client in the regression setting (default 2*m)")
   parser.add_argument("--quick", action="store_true", help="tiny grid (tests, smoke runs)")
   parser.add_argument("--readme", default=None,
-                      help=f"file whose text between {TABLE_BEGIN} and {TABLE_END} is "
-                      "replaced by the table")
+                      help=f"file whose text between {TABLE_BEGIN} and {TABLE_END} (--grid "
+                      "attacks: <!-- attacks-table:begin --> and <!-- attacks-table:end -->) "
+                      "is replaced by the table")
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _flatten_attacks(args: argparse.Namespace) -> None:
+  """``--attacks a,b c`` -> ``("a", "b", "c")`` (in place; ``None`` stays ``None``)."""
+  if args.attacks is not None and args.attacks and isinstance(args.attacks[0], tuple):
+    args.attacks = tuple(a for group in args.attacks for a in group)
+
+
+def uses_attacks_grid(args: argparse.Namespace) -> bool:
+  """``--grid attacks``, or an attack outside the model attacks was named."""
+  _flatten_attacks(args)
+  if getattr(args, "grid", "synthetic") == "attacks":
+    return True
+  return bool(args.attacks) and any(a not in synthetic.MODEL_ATTACKS for a in args.attacks)
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
   """Grid and sizes from the parsed options (``--quick`` first, explicit options override)."""
+  _flatten_attacks(args)
   config = QUICK if args.quick else StudyConfig()
   overrides = {
       "fractions": args.fractions,
@@ -647,6 +695,10 @@ def _json_safe(value):
 
 def run(args: argparse.Namespace) -> int:
   """Runs the study; returns the exit status (0 also when a check fails: it is reported)."""
+  if uses_attacks_grid(args):
+    from clair_jax.studies import attacks_study
+
+    return attacks_study.run(args)
   try:
     config = config_from_args(args)
   except ValueError as e:
