@@ -33,6 +33,7 @@ from clair_jax._src.subspace import to_columns
 from clair_jax._src.subspace import unstack_clients
 
 # Public submodules (they depend on the core above, never the reverse).
+from clair_jax import attacks
 from clair_jax import baselines
 from clair_jax import metrics
 from clair_jax import synthetic
@@ -71,6 +72,7 @@ __all__ = (
     "project_onto_subspace",
     "stack_clients",
     "unstack_clients",
+    "attacks",
     "baselines",
     "metrics",
     "synthetic",

@@ -150,18 +150,20 @@ class Clients(NamedTuple):
 
 def prepare_clients(columns: jax.Array, active: jax.Array,
                     spectra: ClientSpectra | None = None,
-                    rank: int | None = None) -> Clients:
+                    rank: int | None = None, sketch: bool = False) -> Clients:
   """:class:`Clients` from the column layout (inactive clients already zeroed).
 
   With the clients' ``spectra`` (:func:`client_spectra`) and ``rank``, near-duplicate
   clients share one unit of weight (:func:`duplicate_weights`); otherwise exact
-  duplicates do.
+  duplicates do. ``sketch`` (clients sharded over devices) compares clients on a
+  random sketch instead of gathering them.
   """
   energy = jnp.sum(columns**2, axis=(0, 2))
   own_tail = None if spectra is None else spectra.tail
   width = (jnp.full(active.shape, columns.shape[2], columns.dtype) if spectra is None
            else spectra.width)
-  weights, representative = duplicate_weights(columns, active, energy, own_tail, rank, width)
+  weights, representative = duplicate_weights(columns, active, energy, own_tail, rank, width,
+                                              sketch)
   return Clients(columns, active, energy, own_tail, weights, width, representative)
 
 
@@ -169,9 +171,15 @@ def prepare_clients(columns: jax.Array, active: jax.Array,
 DUPLICATE_ROUNDOFF = 1e-6
 
 
+# Size of the sketch that sharded clients' pairwise distances are computed on.
+SKETCH_ROWS = 16
+SKETCH_SIZE = 128
+
+
 def duplicate_weights(columns: jax.Array, active: jax.Array, energy: jax.Array,
                       own_tail: jax.Array | None = None,
-                      rank: int | None = None, width: jax.Array | None = None) -> jax.Array:
+                      rank: int | None = None, width: jax.Array | None = None,
+                      sketch: bool = False) -> tuple[jax.Array, jax.Array]:
   r"""Weight ``1 / |G_k|`` for each client, ``G_k`` its group of near-duplicates.
 
   Clients that trained independently carry independent noise, so two of them differ by at
@@ -200,8 +208,22 @@ def duplicate_weights(columns: jax.Array, active: jax.Array, energy: jax.Array,
     (``k`` included; 0 for inactive clients), and one client per group (the first).
   """
   m, _, n = columns.shape
-  inner = jnp.einsum("mkn,mjn->kj", columns, columns)
-  distance = energy[:, None] + energy[None, :] - 2.0 * inner
+  if sketch:
+    # Clients sharded over devices: pairwise distances of all clients would gather every
+    # update. A Johnson-Lindenstrauss sketch G_L^T D_k G_R (a x b, a b = SKETCH_SIZE)
+    # preserves squared distances to a relative ~sqrt(2 / (a b)) (~12%), well inside the
+    # factor-2 margin of the test below; only the (K, a b) sketches move.
+    a, b = min(m, SKETCH_ROWS), min(n, SKETCH_SIZE // min(m, SKETCH_ROWS))
+    key_left, key_right = jax.random.split(jax.random.key(0))
+    left = jax.random.normal(key_left, (m, a), columns.dtype) / math.sqrt(a)
+    right = jax.random.normal(key_right, (n, b), columns.dtype) / math.sqrt(b)
+    sketches = jnp.einsum("mkn,ma,nb->kab", columns, left, right).reshape(columns.shape[1], -1)
+    sketch_energy = jnp.sum(sketches**2, axis=1)
+    inner = sketches @ sketches.T
+    distance = sketch_energy[:, None] + sketch_energy[None, :] - 2.0 * inner
+  else:
+    inner = jnp.einsum("mkn,mjn->kj", columns, columns)
+    distance = energy[:, None] + energy[None, :] - 2.0 * inner
   bound = DUPLICATE_ROUNDOFF * (energy[:, None] + energy[None, :])
   if own_tail is not None and rank is not None and min(m, n) > rank:
     columns_spanned = noise_width(width, n, rank)

@@ -406,7 +406,7 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   # candidates).
   spectra = detect.client_spectra(x_n, rank)
   # Every later step reads the column layout (m, K, n): one transpose, here.
-  clients = detect.prepare_clients(to_columns(x_n), active, spectra, rank)
+  clients = detect.prepare_clients(to_columns(x_n), active, spectra, rank, sketch=not gather)
   trim = functools.partial(
       detect.concentrate, clients, rank=rank, max_steps=opts.max_trim_steps,
       threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,

@@ -165,15 +165,19 @@ def geometric_median(points: jax.Array, weights: jax.Array, iters: int = MEDIAN_
   .. math::
     \arg\min_z \sum_k w_k \|z - x_k\|_F
 
-  Started at the coordinate-wise median of the weighted-in points; distances are floored
+  Started at the weighted mean of the weighted-in points; distances are floored
   at ``sqrt(eps)`` times the median distance from the start (the smoothing of Weiszfeld's
   step, so a point at the median does not divide by zero). Breakdown point 1/2: fewer than
   half the (weighted) points cannot move it arbitrarily far.
   """
   keep = weights > 0
   flat = points.reshape(points.shape[0], -1)
-  start = jnp.nanmedian(jnp.where(keep[:, None], flat, jnp.nan), axis=0)
-  start = jnp.where(jnp.isfinite(start), start, 0.0)
+  # Start at the weighted mean: a sum over clients (an all-reduce when they are sharded;
+  # a coordinate-wise median would gather them). The problem is convex, so the start only
+  # sets how many steps are needed.
+  safe = jnp.where(keep[:, None], flat, 0.0)
+  start = jnp.where(keep, weights, 0.0) @ safe / jnp.maximum(
+      jnp.sum(jnp.where(keep, weights, 0.0)), jnp.finfo(flat.dtype).tiny)
   dist0 = jnp.sqrt(jnp.sum(jnp.square(flat - start[None]), axis=1))
   scale = jnp.nanmedian(jnp.where(keep, dist0, jnp.nan))
   scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1.0)

@@ -278,6 +278,10 @@ def _shapes(text: str) -> tuple[tuple[int, int, int, int], ...]:
   return tuple(out)
 
 
+TABLE_BEGIN = "<!-- heterogeneity-table:begin -->"
+TABLE_END = "<!-- heterogeneity-table:end -->"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """Options of ``clair-jax heterogeneity``."""
   default = StudyConfig()
@@ -301,6 +305,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
   parser.add_argument("--quick", action="store_true", help="tiny grid (tests, smoke runs)")
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  parser.add_argument("--readme", default=None,
+                      help=f"file whose text between {TABLE_BEGIN} and {TABLE_END} is "
+                      "replaced by the table")
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
@@ -357,6 +364,9 @@ def run(args: argparse.Namespace) -> int:
     json.dump(report, f, indent=1)
   with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")
+  if args.readme:
+    from clair_jax.studies.synthetic_study import replace_between_markers
+    replace_between_markers(args.readme, table, TABLE_BEGIN, TABLE_END)
   print(table)
   return 0
 
