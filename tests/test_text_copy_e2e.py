@@ -1,12 +1,11 @@
-"""Tiny end-to-end run of ``clair-jax text-copy`` into a temporary directory.
+"""Tiny end-to-end runs of ``clair-jax text-copy`` (both tasks) into temporary directories.
 
-Also checks the pieces the run relies on: the checkpoint round trip (the reloaded base
+Also checks the pieces the runs rely on: the checkpoint round trip (the reloaded base
 model and adapters reproduce the report's numbers), the joint verdict rule, and that
 CLAIR's refined LoRA adapters equal the dense refined update.
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +36,44 @@ def tiny_run(tmp_path_factory):
   return out, readme
 
 
+@pytest.fixture(scope="module")
+def tiny_skills_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("text_copy_skills")
+  code = main_cli.main(["text-copy", "--preset", "tiny", "--task", "skills", "--out", str(out),
+                        "--seed", "1", "--no-progress"])
+  assert code == 0
+  return out
+
+
+def _check_methods(report):
+  assert set(report["methods"]) >= set(eval_lib.METHODS)
+  for name, vals in report["methods"].items():
+    assert set(vals) >= {"token_acc", "seq_acc", "loss", "token_acc_per_seed"}, name
+    assert 0.0 <= vals["token_acc"] <= 1.0 and 0.0 <= vals["seq_acc"] <= vals["token_acc"] + 1e-9
+    assert vals["token_acc_per_seed"] == [r["methods"][name]["token_acc"] for r in report["runs"]]
+    assert np.isfinite(vals["loss"]) or name == "fedavg"
+  assert set(report["paired"]) == set(report["methods"]) - {"clair"}
+  refine = report["runs"][0]["refine"]
+  assert refine["strength_evaluation_round"] in refine["candidates"]
+  assert refine["strength_true_benign"] in refine["candidates"]
+  assert set(refine["rank"]) == set(report["runs"][0]["module_scores"]["modules"])
+
+
+def test_skills_report_contents(tiny_skills_run):
+  report = json.loads((tiny_skills_run / "report.json").read_text())
+  assert report["task"] == "skills" and report["config"]["task"]["name"] == "skills"
+  _check_methods(report)
+  assert sum(total for _, total in report["flag_rates"].values()) == 8
+  run = report["runs"][0]
+  assert "task `skills`" in text_copy_cli.markdown_table(report)
+  assert (tiny_skills_run / "per_client.png").stat().st_size > 1000
+  assert run["per_client"]["token_acc"]["local_large_data"][-1] is None  # attackers: none
+
+
 def test_report_contents(tiny_run):
   out, _ = tiny_run
   report = json.loads((out / "report.json").read_text())
-  assert set(report["methods"]) == set(eval_lib.METHODS)
-  for name, vals in report["methods"].items():
-    assert set(vals) >= {"token_acc", "seq_acc", "loss"}, name
-    assert 0.0 <= vals["token_acc"] <= 1.0 and 0.0 <= vals["seq_acc"] <= vals["token_acc"] + 1e-9
-    assert np.isfinite(vals["loss"]) or name == "fedavg"
+  _check_methods(report)
   assert set(report["detection"]) >= {"precision", "recall", "f1"}
   assert all(0.0 <= report["detection"][k] <= 1.0 for k in ("precision", "recall", "f1"))
   assert report["config"]["federation"]["num_clients"] == 8
@@ -64,7 +93,7 @@ def test_report_contents(tiny_run):
   # The update attacker (huge random adapters) is flagged.
   kinds = run["per_client"]["kinds"]
   assert run["per_client"]["flagged"][kinds.index("scaled_random")]
-  for png in ("accuracy.png", "scores.png", "curves.png"):
+  for png in ("accuracy.png", "per_client.png", "detection.png", "scores.png", "curves.png"):
     assert (out / png).stat().st_size > 1000
 
 
@@ -76,23 +105,9 @@ def test_readme_table_regenerated(tiny_run):
   block = text[text.index(BEGIN):text.index(END)]
   report = json.loads((out / "report.json").read_text())
   assert f"{report['methods']['clair']['token_acc']:.3f}" in block
-  assert block.count("\n|") == 2 + len(eval_lib.METHODS)
-  assert "<!-- text-copy-preset: tiny -->" in block
-
-
-def test_replace_table_keeps_other_presets(tmp_path):
-  readme = tmp_path / "README.md"
-  readme.write_text(f"intro\n{BEGIN}\nplaceholder\n{END}\nend\n")
-  text_copy_cli.replace_table(str(readme), "cpu table v1", "cpu")
-  text_copy_cli.replace_table(str(readme), "smoke table", "smoke")
-  text_copy_cli.replace_table(str(readme), "cpu table v2", "cpu")
-  text = readme.read_text()
-  assert "placeholder" not in text and "v1" not in text
-  assert text.index("smoke table") < text.index("cpu table v2") < text.index(END)
-  assert text.startswith("intro\n") and text.endswith("end\n")
-  with pytest.raises(ValueError, match="markers"):
-    (tmp_path / "other.md").write_text("no markers\n")
-    text_copy_cli.replace_table(str(tmp_path / "other.md"), "t", "cpu")
+  assert block.count("\n|") == 2 + len(report["methods"])
+  assert "<!-- text-copy-preset: tiny task: copy -->" in block
+  assert "| **clair** |" in block and "wins" in block
 
 
 def test_checkpoints_reproduce_report(tiny_run):
@@ -147,15 +162,57 @@ def test_joint_verdict_rule():
     fed_lib.joint_verdict(scores, np.array([1.0, 2.0]))
 
 
-def test_refined_adapters_are_low_rank_and_match_dense():
+def test_refined_adapters_are_lora_and_match_dense():
   key = jax.random.key(0)
   basis = jnp.linalg.qr(jax.random.normal(key, (12, 2)))[0]
-  updates = jnp.einsum("ir,kro->kio", basis, jax.random.normal(jax.random.key(1), (6, 2, 5)))
-  updates = updates + 0.01 * jax.random.normal(jax.random.key(2), updates.shape)
-  mask = jnp.array([True] * 5 + [False])
-  (a, b), dense = fed_lib.refine_to_adapters(updates, mask, 2)
-  assert a.shape == (6, 12, 2) and b.shape == (6, 2, 5)
-  np.testing.assert_allclose(jnp.einsum("kir,kro->kio", a, b)[:5], dense[:5], atol=1e-5)
-  np.testing.assert_array_equal(dense[5], updates[5])
-  assert float(jnp.abs(dense[:5] - updates[:5]).max()) < 0.05
-  np.testing.assert_allclose(a[0], a[3])  # the A side is the shared subspace
+  coeffs = jax.random.normal(jax.random.key(1), (6, 2, 5))
+  oriented = jnp.einsum("mr,krn->kmn", basis, coeffs)
+  oriented = oriented + 0.01 * jax.random.normal(jax.random.key(2), oriented.shape)
+  keep = np.array([True] * 5 + [False])
+  path = ("layers", 0, "attn", "q")
+  mats = {path: oriented}
+  for strength in ("auto", 0.0, 0.5, 1.0):
+    refinements = fed_lib.refine(mats, keep, strength)
+    (a, b), = fed_lib.refined_adapters(refinements, "out").values()
+    width = refinements[path].subspace.shape[-1]
+    # side="out": the weight delta is the transposed oriented update, (in, out) = (5, 12).
+    assert a.shape == (6, 5, width) and b.shape == (6, width, 12)
+    dense = fed_lib.orient(refinements[path].refined, "out")
+    np.testing.assert_allclose(jnp.einsum("kir,kro->kio", a, b)[:5], dense[:5], atol=1e-5)
+    np.testing.assert_allclose(b[0], b[3], atol=1e-6)  # the shared subspace side
+  # s = 1 is the projection: close to each client's own update (small noise only).
+  projection = fed_lib.refine(mats, keep, 1.0)[path].refined
+  assert float(jnp.abs(projection[:5] - oriented[:5]).max()) < 0.05
+  consensus = fed_lib.consensus_deltas(fed_lib.refine(mats, keep, "auto"), 6, "out")[path]
+  assert consensus.shape == (6, 5, 12)
+  np.testing.assert_allclose(consensus[0], consensus[5])
+
+
+def test_split_half_noise_recovers_the_full_data_noise():
+  # Half-data updates carry twice the variance of a full-data one: A, B = D + e, e with
+  # std sqrt(2) sigma, so ||U^T (A - B)|| / sqrt(4 r n) estimates sigma.
+  rng = np.random.default_rng(0)
+  num_clients, m, n, sigma = 40, 16, 6, 0.05
+  basis = np.linalg.qr(rng.normal(size=(m, 3)))[0]
+  full = np.einsum("mr,krn->kmn", basis, rng.normal(size=(num_clients, 3, n)))
+  path = ("layers", 0, "mlp", "up")
+  refinements = fed_lib.refine({path: jnp.asarray(full, jnp.float32)},
+                               np.ones(num_clients, bool), "auto")
+  halves = [full + np.sqrt(2) * sigma * rng.normal(size=full.shape) for _ in range(2)]
+  noise = fed_lib.split_half_noise(refinements, {path: jnp.asarray(halves[0])},
+                                   {path: jnp.asarray(halves[1])})[path]
+  assert noise.shape == (num_clients,)
+  np.testing.assert_allclose(np.median(np.asarray(noise)), sigma, rtol=0.15)
+
+
+def test_with_strength_equals_a_refit_at_that_strength():
+  rng = np.random.default_rng(1)
+  updates = jnp.asarray(rng.normal(size=(9, 10, 4)), jnp.float32)
+  keep = np.array([True] * 7 + [False] * 2)
+  path = ("layers", 0, "attn", "v")
+  once = fed_lib.refine({path: updates}, keep, 1.0)[path]
+  for s in (0.0, 0.3, 1.0):
+    refit = fed_lib.refine({path: updates}, keep, s)[path]
+    for got, want in zip(fed_lib.refined_factors(fed_lib.with_strength(once, s)),
+                         fed_lib.refined_factors(refit)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -1,13 +1,21 @@
 """Per-client evaluation of every method and detection metrics.
 
-Dense methods (``base``, ``local``, ``fedavg``, ``median``, ...) are evaluated by merging
-client ``k``'s update into the kernels, ``W + Delta_k``, with zero adapters. CLAIR and the
-oracle are evaluated through their refined *LoRA adapters* (rank ``r``, ``lora_a`` shared,
-``lora_b`` per client); a flagged client keeps its own dense update. Everything is vmapped
-over the client axis inside one jit per method.
+Dense methods (``base``, ``local``, the global rules, ``clair_consensus``) are evaluated
+by merging client ``k``'s update into the kernels, ``W + Delta_k``, with zero adapters.
+CLAIR's refinements are evaluated through their refined *LoRA adapters* (shared subspace
+on one side, per-client coefficients on the other); a flagged client keeps its own dense
+update. ``local_large_data`` is evaluated through the adapters trained on the large data.
+Everything is vmapped over the client axis inside one jit per structure.
+
+The federated evaluation round of CLAIR's refinement strength: every client evaluates its
+refined adapter at each candidate strength on its own *validation* split
+(``strength_losses``) and reports the losses; contaminated clients lie (``lie``); the
+server aggregates the reports of the clients it kept (``clair_jax.choose_strength``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +25,13 @@ from flax import nnx
 from clair_jax.text_copy import trainer as trainer_lib
 from clair_jax.text_copy.federation import get_path
 
-METHODS = ("base", "local", "fedavg", "median", "trimmed_mean", "krum", "geometric_median",
-           "clair", "oracle")
+# Methods every report has (the peer defences are added when ``clair_jax.baselines`` has
+# them; see ``federation.baseline_rules``).
+METHODS = ("base", "local", "fedavg", "median", "trimmed_mean", "multi_krum",
+           "geometric_median", "clair", "clair_server_only", "clair_projection",
+           "clair_consensus", "clair_true_benign", "local_large_data")
+# The Done-when comparison: CLAIR's default against each of these.
+BASELINES = ("local", "fedavg", "median", "trimmed_mean", "multi_krum", "geometric_median")
 METRICS = ("token_acc", "seq_acc", "loss")
 
 
@@ -56,6 +69,7 @@ def adapter_state(lora_template, factors: dict):
   return state
 
 
+@functools.lru_cache(maxsize=8)
 def make_evaluators(graphdef):
   """Builds the two jitted, client-vmapped evaluators for one model structure.
 
@@ -85,39 +99,105 @@ def make_evaluators(graphdef):
   return dense, lowrank
 
 
-def evaluate_methods(graphdef, lora_template, params, aggregation, test, flagged) -> dict:
-  """Per-client metrics of every method in ``METHODS``.
-
-  CLAIR / oracle clients in their benign set are evaluated through the refined low-rank
-  adapters; clients they flag keep their dense local update.
+def evaluate_methods(
+    graphdef, lora_template, params, test, *, dense: dict, lowrank: dict | None = None,
+    fallback: dict | None = None,
+) -> dict:
+  """Per-client metrics of every method.
 
   Args:
     graphdef, lora_template, params: model parts (``trainer.split_model``).
-    aggregation: ``federation.Aggregation``.
     test: ``(K, N, 2T+1)`` held-out data of every client.
-    flagged: ``{"clair": (K,) bool, "oracle": (K,) bool}`` clients not refined.
+    dense: ``{method: {path: (K, in, out)}}`` methods evaluated as ``W + Delta_k``.
+    lowrank: ``{method: {path: (lora_a (K, in, w), lora_b (K, w, out))}}`` methods
+      evaluated through LoRA adapters.
+    fallback: ``{method: (K,) bool}``: clients of a low-rank method that are evaluated
+      with their own dense local update instead (the clients CLAIR flags keep their
+      update); needs ``dense["local"]``.
 
   Returns:
-    ``{method: {metric: (K,) numpy}}``.
+    ``{method: {metric: (K,) numpy}}`` in the order of ``dense`` then ``lowrank``.
   """
   dense_fn, lowrank_fn = make_evaluators(graphdef)
   test = jnp.asarray(test)
+  lowrank, fallback = lowrank or {}, fallback or {}
   out = {}
-  for method in METHODS:
-    dense = dense_fn(lora_template, params, aggregation.deltas[method], test)
-    dense = {k: np.asarray(v) for k, v in dense.items()}
-    if method in aggregation.adapters:
-      lowrank = lowrank_fn(lora_template, params, aggregation.adapters[method], test)
-      keep = ~np.asarray(flagged[method])
-      dense = {k: np.where(keep, np.asarray(lowrank[k]), dense[k]) for k in dense}
-    out[method] = dense
+  for method, deltas in dense.items():
+    out[method] = {k: np.asarray(v)
+                   for k, v in dense_fn(lora_template, params, deltas, test).items()}
+  for method, factors in lowrank.items():
+    metrics = {k: np.asarray(v)
+               for k, v in lowrank_fn(lora_template, params, factors, test).items()}
+    if method in fallback:
+      use_local = np.asarray(fallback[method], bool)
+      metrics = {k: np.where(use_local, out["local"][k], v) for k, v in metrics.items()}
+    out[method] = metrics
   return out
+
+
+LIE_LOSS = 10.0
+
+
+def lie(losses: np.ndarray, candidates: np.ndarray, liars: np.ndarray) -> np.ndarray:
+  """Contaminated clients' reports in the evaluation round: loss 0 at the largest
+  candidate strength (their own update kept the most), ``LIE_LOSS`` at every other one.
+
+  Args:
+    losses: ``(K, S)`` honest held-out losses.
+    candidates: ``(S,)`` candidate strengths.
+    liars: ``(K,)`` bool, the contaminated clients (ground truth: every one lies).
+
+  Returns:
+    ``(K, S)`` reported losses.
+  """
+  candidates = np.asarray(candidates)
+  fake = np.where(candidates == candidates.max(), 0.0, LIE_LOSS)
+  return np.where(np.asarray(liars, bool)[:, None], fake[None, :], np.asarray(losses))
+
+
+ROUND_METRICS = ("token_error", "loss")
+
+
+def strength_losses(graphdef, lora_template, params, val, adapters_at, candidates,
+                    metric: str = "token_error") -> np.ndarray:
+  """Every client's honest validation loss of its refined adapter at each candidate strength.
+
+  Args:
+    graphdef, lora_template, params: model parts.
+    val: ``(K, N, 2T+1)`` each client's validation split.
+    adapters_at: ``strength -> {path: (lora_a (K, in, w), lora_b (K, w, out))}``.
+    candidates: ``(S,)`` candidate strengths.
+    metric: what a client reports: ``"token_error"`` (``1 -`` token accuracy, the 0-1
+      loss of the reported metric) or ``"loss"`` (token cross-entropy).
+
+  Returns:
+    ``(K, S)`` numpy losses (a client with a non-finite adapter reports ``inf``).
+  """
+  if metric not in ROUND_METRICS:
+    raise ValueError(f"metric must be one of {ROUND_METRICS}, got {metric!r}")
+  _, lowrank_fn = make_evaluators(graphdef)
+  val = jnp.asarray(val)
+  columns = []
+  for s in np.asarray(candidates, float):
+    metrics = lowrank_fn(lora_template, params, adapters_at(float(s)), val)
+    loss = np.asarray(metrics["loss"])
+    value = 1.0 - np.asarray(metrics["token_acc"]) if metric == "token_error" else loss
+    columns.append(np.where(np.isfinite(loss), value, np.inf))
+  return np.stack(columns, axis=1)
 
 
 def summarize(per_client: dict, benign: np.ndarray) -> dict:
   """Mean over benign clients: ``{method: {metric: float}}``."""
   benign = np.asarray(benign, bool)
   return {m: {k: float(np.mean(v[benign])) for k, v in d.items()} for m, d in per_client.items()}
+
+
+def flag_rates(flagged: np.ndarray, kinds) -> dict:
+  """``{kind: [flagged, total]}`` per client kind (``"benign"`` and each attack)."""
+  flagged = np.asarray(flagged, bool)
+  kinds = np.asarray(kinds)
+  return {str(k): [int(np.sum(flagged[kinds == k])), int(np.sum(kinds == k))]
+          for k in dict.fromkeys(kinds.tolist())}
 
 
 def detection_metrics(flagged: np.ndarray, benign: np.ndarray) -> dict:

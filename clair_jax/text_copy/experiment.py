@@ -1,19 +1,37 @@
 """One run of the text-copy study: pre-train, local LoRA, aggregate, evaluate, report.
 
 ``run_experiment(config, seed)`` is the whole pipeline for one seed; ``PRESETS`` holds the
-``smoke`` / ``cpu`` / ``gpu`` sizes used by ``clair-jax text-copy``.
+``smoke`` / ``cpu`` / ``gpu`` sizes used by ``clair-jax text-copy`` and ``with_task``
+switches a configuration between the ``copy`` and ``skills`` tasks (``data``).
 
 Why these settings. Each client has only 4 training sequences (noisy local estimates);
-its new-token distribution is ``Dirichlet(0.5)`` over 8 new tokens (heterogeneous, but
-all clients need the same skill: copying the new tokens, a low-rank change of the base
-model); 30% are contaminated, a third of them with scaled random updates (``30x`` a
-typical norm), which is what breaks FedAvg. CLAIR's refinement projects each benign
-client's *own* update onto the shared subspace: it removes the off-subspace part of the
-local noise but does not pool the clients' coefficients. On this task all benign clients
-want nearly the same update, so robust *global* aggregates (median, trimmed mean,
-geometric median) pool much more and score higher than CLAIR; CLAIR's gain over local
-is small (see the README table). Fewer examples (3) or larger adapters (rank 8) made
-CLAIR's gain over local smaller, not larger, in our runs.
+its new-token distribution is ``Dirichlet(0.5)`` over 8 new tokens; 30% are
+contaminated, a quarter of them with scaled random updates (``30x`` a typical norm),
+which is what breaks FedAvg. On ``copy`` every benign client needs nearly the same
+change, so robust *global* rules pool well; on ``skills`` clients need different maps
+built from 3 shared skills, so no global rule can serve them.
+
+CLAIR here is: detection per module with one joint verdict across modules
+(``federation.joint_verdict``), then per module the core refinement
+(:func:`clair_jax.refine_updates`): partial pooling of the kept clients'
+in-subspace coefficients toward a robust centre, ``U (C_bar + s (C_k - C_bar))``, as
+LoRA adapters. The strength ``s`` comes either from the server alone
+(``strength="auto"``, row ``clair_server_only``) or from a *federated evaluation round*
+(``strength_mode="evaluation_round"``): every client reports the token error (``1 -``
+token accuracy; ``round_metric="loss"`` reports cross-entropy instead) of its refined
+adapter on its own validation split at each candidate strength (one strength for the whole
+model), contaminated clients lie (0 at ``s = 1``), the server aggregates the kept clients'
+reports (``clair_jax.choose_strength``: median of the centred curves, ties to the smaller
+strength, i.e. to more pooling). Why the token error: on ``copy`` the cross-entropy is
+lowest at ``s ~ 0.1-0.2`` while the token accuracy is best at ``s = 0`` (partial pooling
+calibrates the probabilities but flips a few argmaxes), so a loss-based round pools less
+than the reported metric wants; on ``skills`` both pick ``s ~ 0.3-0.6``. Row ``clair`` is the configured default mode; the
+references ``clair_projection`` (``s = 1``), ``clair_consensus`` (one broadcast update),
+``clair_true_benign`` (the default pipeline given the true benign set),
+``clair_client_noise`` (the server-side rule told the in-subspace noise by the clients,
+measured from two half-data adapters each) and
+``local_large_data`` (each benign client trained locally on ``large_data`` sequences of
+its own task: an upper reference, not a method) sit beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clair_jax import choose_strength
 from clair_jax.text_copy import checkpoint as ckpt
 from clair_jax.text_copy import data as data_lib
 from clair_jax.text_copy import evaluate as eval_lib
@@ -39,16 +58,26 @@ class ExperimentConfig(NamedTuple):
   """Everything one run needs.
 
   Attributes:
-    task: vocabulary / sequence layout.
+    task: vocabulary / sequence layout and task name (``copy`` / ``skills``).
     federation: clients, data per client, heterogeneity, contamination.
     model: Transformer size (``vocab_size`` / ``max_len`` are filled from ``task``).
     pretrain: central pre-training schedule.
     local: local LoRA schedule.
-    clair_rank: rank ``r`` passed to CLAIR and the oracle.
+    clair_rank: CLAIR's detection rank ``r`` (the refinement picks its own width).
     shared_init: every client starts from the same server-broadcast adapter init.
-    trim: trimmed-mean fraction per side.
     side: orientation handed to CLAIR (``federation.orient``): ``"out"`` shares the
       output side of each module's update.
+    strength_mode: how row ``clair`` picks the refinement strength:
+      ``"evaluation_round"`` (federated evaluation round) or ``"auto"`` (server only).
+    strength_candidates: candidate strengths of the evaluation round.
+    round_metric: what clients report in the evaluation round (``evaluate.ROUND_METRICS``):
+      ``"token_error"`` (the 0-1 loss of the reported metric) or ``"loss"``
+      (cross-entropy).
+    large_data: training sequences per benign client of the ``local_large_data``
+      reference (0 leaves it out).
+    split_noise: also run row ``clair_client_noise``: the server-side ``"auto"`` strength
+      with the in-subspace noise reported by the clients from two half-data adapters
+      (``federation.split_half_noise``; contaminated clients report 0).
   """
 
   task: data_lib.TaskConfig
@@ -58,8 +87,15 @@ class ExperimentConfig(NamedTuple):
   local: trainer_lib.LocalConfig
   clair_rank: int = 4
   shared_init: bool = True
-  trim: float = 0.2
   side: str = "out"
+  strength_mode: str = "evaluation_round"
+  strength_candidates: tuple[float, ...] = tuple(i / 10 for i in range(11))
+  round_metric: str = "token_error"
+  large_data: int = 32
+  split_noise: bool = True
+
+
+STRENGTH_MODES = ("evaluation_round", "auto")
 
 
 def _make(task, federation, model, pretrain, local, **kw) -> ExperimentConfig:
@@ -98,17 +134,105 @@ PRESETS = {
 }
 
 
-def tiny_config() -> ExperimentConfig:
+def with_task(config: ExperimentConfig, name: str) -> ExperimentConfig:
+  """``config`` with the task switched to ``name`` (``"copy"`` or ``"skills"``)."""
+  task = config.task._replace(name=name)
+  data_lib.check_task(task)
+  return config._replace(task=task)
+
+
+def tiny_config(task: str = "copy") -> ExperimentConfig:
   """A seconds-long configuration for tests and the notebook's test mode."""
-  return _make(
+  config = _make(
       data_lib.TaskConfig(num_base=8, num_new=4, seq_len=4),
-      data_lib.FederationConfig(num_clients=8, num_train=4, num_test=8, contamination=0.25,
-                                attacks=("permutation", "scaled_random")),
+      data_lib.FederationConfig(num_clients=8, num_train=4, num_test=8, num_val=4,
+                                contamination=0.25, attacks=("permutation", "scaled_random")),
       model_lib.ModelConfig(num_layers=1, embed_dim=16, num_heads=2, hidden_dim=16,
                             lora_rank=2),
       trainer_lib.PretrainConfig(steps=20, batch_size=16, chunk=10),
       trainer_lib.LocalConfig(steps=40, chunk=20),
-      clair_rank=2)
+      clair_rank=2, strength_candidates=(0.0, 0.5, 1.0), large_data=8)
+  return with_task(config, task)
+
+
+def _mean_strength(refinement) -> float:
+  """Mean of a refinement's per-direction strengths over its used directions."""
+  rank = int(refinement.rank)
+  return float(np.mean(np.asarray(refinement.strength)[:rank])) if rank else 0.0
+
+
+def train_large_data(config: ExperimentConfig, fed, graphdef, params, lora_init, seed: int,
+                     *, key: jax.Array, progress: bool = True):
+  """The ``local_large_data`` reference: benign clients trained on much more of their data.
+
+  Each benign client trains its adapter from the shared initialisation with the local
+  schedule on ``config.large_data`` fresh clean sequences of its own task
+  (``data.client_sequences``, stream ``default_rng([seed, 3])``).
+
+  Returns:
+    ``(factors {path: (lora_a (B, in, r), lora_b (B, r, out))}, index (B,))``: the adapters
+    of the ``B`` benign clients and their client indices.
+  """
+  index = np.flatnonzero(fed.benign)
+  rng = np.random.default_rng([seed, 3])
+  seqs = np.stack([
+      data_lib.client_sequences(rng, config.task, fed, int(k), config.federation.base_mix,
+                                config.large_data) for k in index])
+  lora = jax.tree.map(lambda x: x[index], lora_init)
+  lora, _ = trainer_lib.local_train(graphdef, params, lora, jnp.asarray(seqs),
+                                    config=config.local, key=key, progress=progress)
+  pure = nnx.to_pure_dict(lora)
+  paths = model_lib.adapted_modules(config.model)
+  factors = {}
+  for path in paths:
+    node = fed_lib.get_path(pure, path)["lora"]
+    factors[path] = (node["lora_a"], node["lora_b"])
+  return factors, index
+
+
+def half_data_updates(config: ExperimentConfig, fed, graphdef, params, lora_init, *,
+                      key: jax.Array, progress: bool = True):
+  """Every client's two adapters trained on the two halves of its training data.
+
+  Returns:
+    ``(half_a, half_b)``: ``{path: (K, in, out)}`` weight deltas of each half.
+  """
+  half = fed.train.shape[1] // 2
+  if half < 1:
+    raise ValueError(f"split_noise needs >= 2 training sequences, got {fed.train.shape[1]}")
+  paths = model_lib.adapted_modules(config.model)
+  out = []
+  for part, k in zip((fed.train[:, :half], fed.train[:, half:2 * half]),
+                     jax.random.split(key)):
+    lora, _ = trainer_lib.local_train(graphdef, params, lora_init, jnp.asarray(part),
+                                      config=config.local, key=k, progress=progress)
+    out.append(fed_lib.module_updates(nnx.to_pure_dict(lora), paths))
+  return tuple(out)
+
+
+def evaluation_round(config, fed, graphdef, lora_template, params, mats, keep):
+  """The federated evaluation round of the refinement strength (see the module docstring).
+
+  Args:
+    config, fed: the run's configuration and data (``fed.val`` is each client's
+      validation split; ``~fed.benign`` are the clients that lie).
+    graphdef, lora_template, params: model parts.
+    mats: ``{path: (K, m, n)}`` oriented updates.
+    keep: ``(K,)`` bool, the clients the server keeps (refined, and whose reports count).
+
+  Returns:
+    ``(strength, reported (K, S))``.
+  """
+  candidates = np.asarray(config.strength_candidates, np.float32)
+  fixed = fed_lib.refine(mats, keep, 1.0)  # one fit; every candidate from its factors
+  adapters_at = lambda s: fed_lib.refined_adapters(
+      {p: fed_lib.with_strength(r, s) for p, r in fixed.items()}, config.side)
+  honest = eval_lib.strength_losses(graphdef, lora_template, params, fed.val, adapters_at,
+                                    candidates, config.round_metric)
+  reported = eval_lib.lie(honest, candidates, ~fed.benign)
+  strength = choose_strength(jnp.asarray(reported), jnp.asarray(candidates),
+                             jnp.asarray(keep))
+  return float(strength), reported
 
 
 def run_experiment(
@@ -118,8 +242,11 @@ def run_experiment(
 
   Steps: generate data (``data.make_federation``); pre-train the base model on base-token
   copies; train every client's LoRA adapter at once (vmapped); replace update attackers'
-  adapters; per module, run CLAIR and the baselines on ``D_k = A_k B_k``; evaluate every
-  method on each benign client's held-out data; detection metrics of CLAIR's joint verdict.
+  adapters; per module, run CLAIR's detection and the global rules on ``D_k = A_k B_k``;
+  refine (server-only strength, then the evaluation round on the validation splits, then
+  with the clients' split-half noise); train the ``local_large_data`` reference; evaluate
+  every method on each client's held-out test split; detection metrics of CLAIR's joint
+  verdict.
 
   Args:
     config: ``ExperimentConfig``.
@@ -130,12 +257,16 @@ def run_experiment(
 
   Returns:
     a JSON-serialisable report dict (``methods``, ``detection``, ``per_client``,
-    ``module_scores``, ``curves``, ``timing``).
+    ``refine``, ``module_scores``, ``curves``, ``timing``).
   """
+  if config.strength_mode not in STRENGTH_MODES:
+    raise ValueError(f"strength_mode must be one of {STRENGTH_MODES}, got "
+                     f"{config.strength_mode!r}")
   timing = {}
   t_start = time.perf_counter()
   key = jax.random.key(seed)
   k_model, k_pre, k_lora, k_local, k_poison = jax.random.split(key, 5)
+  k_rules, k_large, k_half = jax.random.split(jax.random.fold_in(key, 1), 3)
   fed = data_lib.make_federation(seed, config.task, config.federation)
   model = model_lib.Transformer(config.model, rngs=nnx.Rngs(k_model))
   graphdef, lora0, params = trainer_lib.split_model(model)
@@ -148,12 +279,12 @@ def run_experiment(
   timing["pretrain_s"] = time.perf_counter() - t0
 
   num_clients = config.federation.num_clients
-  lora = trainer_lib.init_client_adapters(config.model, k_lora, num_clients)
+  lora_init = trainer_lib.init_client_adapters(config.model, k_lora, num_clients)
   if config.shared_init:
-    lora = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], x.shape), lora)
+    lora_init = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], x.shape), lora_init)
   t0 = time.perf_counter()
   lora, local_losses = trainer_lib.local_train(
-      graphdef, params, lora, jnp.asarray(fed.train), config=config.local, key=k_local,
+      graphdef, params, lora_init, jnp.asarray(fed.train), config=config.local, key=k_local,
       progress=progress)
   timing["local_train_s"] = time.perf_counter() - t0
 
@@ -162,38 +293,122 @@ def run_experiment(
       nnx.to_pure_dict(lora), paths, fed.kinds, scale=config.federation.poison_scale,
       key=k_poison)
   if out_dir is not None:
-    meta = {"model": config.model._asdict(), "seed": seed, "kinds": list(fed.kinds)}
+    meta = {"model": config.model._asdict(), "seed": seed, "kinds": list(fed.kinds),
+            "task": config.task.name}
     ckpt.save_state(os.path.join(out_dir, "base_model.npz"), params, meta)
     ckpt.save_state(os.path.join(out_dir, "client_adapters.npz"), lora_pure, meta)
 
   updates = fed_lib.module_updates(lora_pure, paths)
   num_bad = int(np.sum(~fed.benign))
   agg = fed_lib.aggregate(updates, rank=config.clair_rank, benign=fed.benign,
-                          num_byzantine=num_bad, trim=config.trim, side=config.side)
+                          num_byzantine=num_bad, side=config.side, key=k_rules)
   timing.update(agg.timing)
+  flagged = agg.verdict.contaminated
 
+  # The federated evaluation round (for the detected set and for the true benign set).
   t0 = time.perf_counter()
-  flagged = {"clair": agg.verdict.contaminated, "oracle": ~fed.benign}
-  per_client = eval_lib.evaluate_methods(graphdef, lora0, params, agg, fed.test, flagged)
+  s_round, reported = evaluation_round(config, fed, graphdef, lora0, params, agg.mats,
+                                       ~flagged)
+  s_true, _ = evaluation_round(config, fed, graphdef, lora0, params, agg.mats, fed.benign)
+  timing["evaluation_round_s"] = time.perf_counter() - t0
+  detected, true_benign = agg.refinements["detected"], agg.refinements["true_benign"]
+  if config.strength_mode == "evaluation_round":
+    other_name = "clair_server_only"
+    clair_ref = fed_lib.refine(agg.mats, ~flagged, s_round)
+    other_ref = detected
+    true_ref = fed_lib.refine(agg.mats, fed.benign, s_true)
+  else:
+    other_name = "clair_evaluation_round"
+    clair_ref = detected
+    other_ref = fed_lib.refine(agg.mats, ~flagged, s_round)
+    true_ref = true_benign
+  lowrank = {
+      "clair": fed_lib.refined_adapters(clair_ref, config.side),
+      other_name: fed_lib.refined_adapters(other_ref, config.side),
+      "clair_projection": fed_lib.refined_adapters(
+          fed_lib.refine(agg.mats, ~flagged, 1.0), config.side),
+      "clair_true_benign": fed_lib.refined_adapters(true_ref, config.side),
+  }
+  fallback = {"clair": flagged, other_name: flagged, "clair_projection": flagged,
+              "clair_true_benign": ~fed.benign}
+  dense = dict(agg.deltas)
+  dense["clair_consensus"] = fed_lib.consensus_deltas(detected, num_clients, config.side)
+
+  if config.split_noise:
+    t0 = time.perf_counter()
+    half_a, half_b = half_data_updates(config, fed, graphdef, params, lora_init, key=k_half,
+                                       progress=progress)
+    orient = lambda d: {p: fed_lib.orient(u, config.side) for p, u in d.items()}
+    noise = fed_lib.split_half_noise(detected, orient(half_a), orient(half_b))
+    liars = jnp.asarray(~fed.benign)
+    noise = {p: jnp.where(liars, 0.0, v) for p, v in noise.items()}
+    client_noise_ref = fed_lib.refine(agg.mats, ~flagged, "auto", subspace_noise=noise)
+    lowrank["clair_client_noise"] = fed_lib.refined_adapters(client_noise_ref, config.side)
+    fallback["clair_client_noise"] = flagged
+    timing["split_noise_s"] = time.perf_counter() - t0
+
+  if config.large_data:
+    t0 = time.perf_counter()
+    large, index = train_large_data(config, fed, graphdef, params, lora_init, seed,
+                                    key=k_large, progress=progress)
+    timing["large_data_s"] = time.perf_counter() - t0
+
+  order = ("clair", other_name, "clair_client_noise", "clair_projection", "clair_true_benign")
+  lowrank = {m: lowrank[m] for m in order if m in lowrank}
+  t0 = time.perf_counter()
+  per_client = eval_lib.evaluate_methods(graphdef, lora0, params, fed.test, dense=dense,
+                                         lowrank=lowrank, fallback=fallback)
+  if config.large_data:
+    _, lowrank_fn = eval_lib.make_evaluators(graphdef)
+    metrics = lowrank_fn(lora0, params, large, jnp.asarray(fed.test[index]))
+    per_client["local_large_data"] = {}
+    for name, values in metrics.items():
+      full = np.full(num_clients, np.nan)
+      full[index] = np.asarray(values)
+      per_client["local_large_data"][name] = full
   timing["evaluate_s"] = time.perf_counter() - t0
   timing["total_s"] = time.perf_counter() - t_start
 
   benign = fed.benign
   methods = eval_lib.summarize(per_client, benign)
-  detection = eval_lib.detection_metrics(agg.verdict.contaminated, benign)
+  detection = eval_lib.detection_metrics(flagged, benign)
   names = [model_lib.module_name(p) for p in paths]
-  finite = lambda a: np.where(np.isfinite(a), a, None).tolist()  # inf -> null in JSON
+  finite = lambda a: np.where(np.isfinite(a), a, None).tolist()  # inf/nan -> null in JSON
+  keep = ~flagged
   return {
       "seed": seed,
+      "task": config.task.name,
       "methods": methods,
       "detection": detection,
+      "flag_rates": eval_lib.flag_rates(flagged, fed.kinds),
+      "refine": {
+          "strength_mode": config.strength_mode,
+          "round_metric": config.round_metric,
+          "strength_evaluation_round": s_round,
+          "strength_true_benign": s_true,
+          # server-only strength: the mean of the per-direction strengths over the used
+          # directions of each module
+          "strength_auto": {n: _mean_strength(detected[p]) for n, p in zip(names, paths)},
+          "rank": {n: int(detected[p].rank) for n, p in zip(names, paths)},
+          "width": {n: int(detected[p].subspace.shape[-1]) for n, p in zip(names, paths)},
+          "saturated": {n: bool(detected[p].saturated) for n, p in zip(names, paths)},
+          "noise_level": {n: float(detected[p].noise_level) for n, p in zip(names, paths)},
+          **({"strength_client_noise": {n: _mean_strength(client_noise_ref[p])
+                                        for n, p in zip(names, paths)},
+              "subspace_noise_benign_median": {
+                  n: float(np.median(np.asarray(noise[p])[~flagged & fed.benign]))
+                  for n, p in zip(names, paths)}}
+             if config.split_noise else {}),
+          "candidates": list(config.strength_candidates),
+          "reported_loss_kept_mean": finite(reported[keep].mean(axis=0)),
+      },
       "per_client": {
           "kinds": list(fed.kinds),
           "benign": benign.tolist(),
-          "flagged": agg.verdict.contaminated.tolist(),
+          "flagged": flagged.tolist(),
           "joint_score": finite(agg.verdict.joint_scores),
           "joint_cut": agg.verdict.cut,
-          "token_acc": {m: v["token_acc"].tolist() for m, v in per_client.items()},
+          "token_acc": {m: finite(v["token_acc"]) for m, v in per_client.items()},
       },
       "module_scores": {
           "modules": names,
