@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--rank", type=int, default=4, help="shared subspace rank r")
   parser.add_argument("--fraction", type=float, default=0.3, help="contaminated fraction")
   parser.add_argument("--noise", type=float, default=0.1, help="noise std per entry")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the generated data")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import NamedTuple
 
@@ -190,14 +191,25 @@ class ClairResult(NamedTuple):
     return solver.STATUS_NAMES[int(self.status)]
 
   def summary(self) -> str:
-    """A few human-readable lines (call on concrete results, not inside jit)."""
+    """A few human-readable lines (call on concrete results, not inside jit).
+
+    A batched result (from ``jax.vmap`` over problems: ``contaminated`` is ``(B, K)``)
+    gives one block per problem.
+    """
+    batch_shape = np.shape(self.contaminated)[:-1]
+    if batch_shape:
+      blocks = []
+      for index in np.ndindex(*batch_shape):
+        one = jax.tree.map(lambda x, index=index: np.asarray(x)[index], self)
+        blocks.append(f"problem {index if len(index) > 1 else index[0]}: " + one.summary())
+      return "\n".join(blocks)
     flagged = np.flatnonzero(np.asarray(self.contaminated))
+    thresholds = ", ".join(f"{float(t):.3g}" for t in np.asarray(self.thresholds).ravel())
     return "\n".join([
         f"CLAIR: {len(flagged)} of {self.contaminated.shape[0]} clients flagged: "
         f"{flagged.tolist()}",
         f"  rank {self.subspace.shape[1]}, noise level {float(self.noise_level):.3g}, "
-        f"thresholds {np.round(np.asarray(self.thresholds), 3).tolist()} "
-        f"(residual, structure)",
+        f"thresholds [{thresholds}] (residual, structure)",
         f"  convex solver: {self.status_name} after {int(self.solver_steps)} steps "
         f"(residual {float(self.solver_residual):.2e}); trimming steps {int(self.trim_steps)}, "
         f"start {START_NAMES[int(self.start)]}",
@@ -242,7 +254,31 @@ def _options(options: dict) -> ClairOptions:
     value = getattr(opts, name)
     if value is not None and not float(value) > 0:
       raise ValueError(f"{name} must be positive or None; got {value}")
+  _check_number(opts, "tol", lambda v: v > 0, "> 0")
+  _check_number(opts, "mad_multiplier", lambda v: v > 0, "> 0")
+  _check_number(opts, "scale_floor", lambda v: v >= 0, ">= 0")
+  _check_number(opts, "convex_floor", lambda v: v >= 0, ">= 0")
+  # The continuation shrinks the weights geometrically toward their target: a factor
+  # outside (0, 1] would grow them or flip their sign.
+  _check_number(opts, "continuation_factor", lambda v: 0 < v <= 1, "in (0, 1]")
+  _check_int(opts, "max_steps", 1)
+  _check_int(opts, "max_trim_steps", 0)
+  if opts.num_candidates is not None:
+    _check_int(opts, "num_candidates", 1)
   return opts
+
+
+def _check_number(opts, name: str, ok, rule: str) -> None:
+  value = getattr(opts, name)
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+      or not math.isfinite(value) or not ok(value)):
+    raise ValueError(f"{name} must be a finite number {rule}; got {value!r}")
+
+
+def _check_int(opts, name: str, minimum: int) -> None:
+  value = getattr(opts, name)
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
 
 
 def clair(updates, rank: int | None = None, *, client_weights=None, **options) -> ClairResult:
@@ -305,11 +341,8 @@ def clair(updates, rank: int | None = None, *, client_weights=None, **options) -
     updates = jnp.swapaxes(updates, 1, 2)
   traced = validate.is_traced(updates)
   if not traced:
-    finite = np.asarray(jnp.all(jnp.isfinite(updates), axis=(1, 2)))
-    if not finite.any():
-      raise ValueError(
-          f"all {updates.shape[0]} client updates contain NaN or Inf (updates.shape="
-          f"{tuple(updates.shape)}); there is nothing to aggregate.")
+    validate.check_any_finite(jnp.all(jnp.isfinite(updates), axis=(1, 2)), updates.shape,
+                              "updates")
   if rank is None:
     if traced:
       raise ValueError("rank=None chooses the rank from data and needs concrete updates; "
@@ -317,12 +350,7 @@ def clair(updates, rank: int | None = None, *, client_weights=None, **options) -
     rank = estimate_rank(updates)
   rank = validate.check_rank(rank, updates.shape)
   num_clients = updates.shape[0]
-  if client_weights is None:
-    client_weights = jnp.ones((num_clients,), validate.compute_dtype(updates.dtype))
-  client_weights = jnp.asarray(client_weights)
-  if client_weights.shape != (num_clients,):
-    raise ValueError(f"client_weights must have shape (K,) = ({num_clients},); "
-                     f"got {client_weights.shape}.")
+  client_weights = validate.check_client_weights(client_weights, num_clients, updates.dtype)
   result = _clair_jit(updates, client_weights, rank, opts, gather)
   if opts.side == "right":
     swap = lambda x: jnp.swapaxes(x, 1, 2)
@@ -348,18 +376,30 @@ def _clair_jit(updates, client_weights, rank: int, opts: ClairOptions,
 def _normalise(updates: jax.Array):
   """Zeroes non-finite clients and scales by the median finite client norm.
 
-  A client whose squared norm overflows (entries ~1e19 and up in float32) counts as
-  non-finite too: its energy, residual and Gram terms cannot be represented.
+  The scale is found in two steps so that no square over- or underflows for any finite
+  input (float32 from ~1e-30 to ~1e30 gives the same verdicts): first every client is
+  divided by the median of the clients' largest entries (a division, exact up to
+  rounding), then by the median client norm of what that leaves. A client whose squared
+  norm still overflows (its entries ~1e19 times the median client's, in float32) counts as
+  non-finite: its energy, residual and Gram terms cannot be represented.
   """
   dtype = validate.compute_dtype(updates.dtype)
   x = updates.astype(dtype)
-  active = jnp.all(jnp.isfinite(x), axis=(1, 2)) & jnp.isfinite(jnp.sum(x * x, axis=(1, 2)))
+  finite = jnp.all(jnp.isfinite(x), axis=(1, 2))
+  x = jnp.where(finite[:, None, None], x, 0.0)
+  largest = jnp.max(jnp.abs(x), axis=(1, 2))
+  magnitude = detect.masked_median(largest, finite & (largest > 0))
+  magnitude = jnp.where(magnitude > 0, magnitude, jnp.max(largest))
+  magnitude = jnp.where(magnitude > 0, magnitude, 1.0)
+  scaled = x / magnitude
+  active = finite & jnp.isfinite(jnp.sum(scaled * scaled, axis=(1, 2)))
+  scaled = jnp.where(active[:, None, None], scaled, 0.0)
   x = jnp.where(active[:, None, None], x, 0.0)
-  norms = safe_norm(x, axis=(1, 2))
-  data_scale = detect.masked_median(norms, active)
-  data_scale = jnp.where(data_scale > 0, data_scale, jnp.max(norms))
-  data_scale = jnp.where(data_scale > 0, data_scale, 1.0)
-  return x, x / data_scale, active, data_scale
+  norms = safe_norm(scaled, axis=(1, 2))
+  norm_scale = detect.masked_median(norms, active)
+  norm_scale = jnp.where(norm_scale > 0, norm_scale, jnp.max(norms))
+  norm_scale = jnp.where(norm_scale > 0, norm_scale, 1.0)
+  return x, scaled / norm_scale, active, magnitude * norm_scale
 
 
 def _num_candidates(x_n, opts: ClairOptions) -> int:
@@ -506,7 +546,7 @@ def refine_stage(x_n, benign, representative, subspace, opts: ClairOptions,
   if opts.refine == "projection":
     coefficients = jnp.einsum("mr,kmn->krn", subspace, x_n)
     voters = benign & representative
-    centre = refine_lib.geometric_median(coefficients, voters.astype(x_n.dtype))
+    centre = refine_lib.huber_centre(coefficients, voters.astype(x_n.dtype))
     rank = subspace.shape[1]
     return refine_lib.Refinement(
         subspace=subspace, rank=jnp.asarray(rank, jnp.int32), centre=centre,

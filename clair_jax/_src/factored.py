@@ -296,18 +296,12 @@ def clair_factored(factored: FactoredUpdates, rank: int | None = None, *,
                        f"{tuple(factored.left.shape)}, right.shape="
                        f"{tuple(factored.right.shape)}).")
   traced = validate.is_traced(factored.left) or validate.is_traced(factored.right)
-  if client_weights is None:
-    client_weights = jnp.ones((num_clients,), validate.compute_dtype(factored.left.dtype))
-  client_weights = jnp.asarray(client_weights)
-  if client_weights.shape != (num_clients,):
-    raise ValueError(f"client_weights must have shape (K,) = ({num_clients},); "
-                     f"got {client_weights.shape}.")
+  client_weights = validate.check_client_weights(client_weights, num_clients,
+                                                 factored.left.dtype)
   if not traced:
-    finite = np.asarray(jnp.all(jnp.isfinite(factored.left), axis=(1, 2))
-                        & jnp.all(jnp.isfinite(factored.right), axis=(1, 2)))
-    if not finite.any():
-      raise ValueError(f"all {num_clients} clients have NaN or Inf factors (left.shape="
-                       f"{tuple(factored.left.shape)}); there is nothing to aggregate.")
+    validate.check_any_finite(jnp.all(jnp.isfinite(factored.left), axis=(1, 2))
+                              & jnp.all(jnp.isfinite(factored.right), axis=(1, 2)),
+                              factored.shape, "factors")
   if rank is None:
     if traced:
       raise ValueError("rank=None chooses the rank from data and needs concrete factors; "

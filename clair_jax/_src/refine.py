@@ -7,7 +7,7 @@ Given the client updates ``D_k`` (``m x n``) and a benign set ``B`` (from detect
   \qquad C_k = \hat U^\top D_k,\qquad
   \tilde D_k = \hat U\big(\bar C + S (C_k - \bar C)\big)\quad (k \in B),
 
-with ``C_bar`` a robust centre (geometric median) of the benign coefficients and ``S`` a
+with ``C_bar`` a robust centre (Huber, from the geometric median) of the benign coefficients and ``S`` a
 shrinkage of the client deviations: ``S = 0`` gives every benign client one pooled update
 ``U C_bar`` (best when clients need the same change), ``S = I`` gives the projection
 ``U U^T D_k`` of the CLAIR paper (best when they differ a lot). Clients outside ``B`` are
@@ -46,6 +46,9 @@ CLIP_Z = 3.090232306167813
 TW_QUANTILE_Z = 0.9793
 # Weiszfeld iterations for the geometric median of the benign coefficients.
 MEDIAN_ITERS = 64
+# Reweighting iterations of the Huber centre (started at the geometric median, a few
+# suffice: the weights change only for the clients near the clipping radius).
+HUBER_ITERS = 16
 # Quadrature nodes for the Marchenko-Pastur median (initial noise estimate).
 _MP_NODES = 512
 _MAD_TO_SD = 1.482602218505602  # 1 / Phi^{-1}(3/4)
@@ -59,13 +62,14 @@ class Refinement(NamedTuple):
       ``>= rank`` are zero. With ``strength="auto"`` the used columns are the principal
       directions of the benign deviations (so ``strength`` is diagonal in this basis).
     rank: int32 scalar ``r_hat``, directions used (the refined LoRA rank on the ``m`` side).
-    centre: ``(w, n)`` robust centre ``C_bar`` (geometric median) of the benign
+    centre: ``(w, n)`` robust centre ``C_bar`` (:func:`huber_centre`) of the benign
       coefficients ``C_k = U^T D_k``.
     strength: ``(w,)`` per-direction strength ``s_i`` in ``[0, 1]`` (zero beyond ``rank``);
       a fixed scalar strength ``s`` is reported as ``s`` in every used direction.
     refined: ``(K, m, n)``: benign ``U (C_bar + diag(s) (C_k - C_bar))``; others as sent.
     consensus: ``(m, n)`` ``U C_bar``: one update for servers that broadcast one model.
-    coefficients: ``(K, w, n)`` ``C_k = U^T D_k`` (zero for clients that are not finite).
+    coefficients: ``(K, w, n)`` ``C_k = U^T D_k`` (``C_bar`` for clients that are not
+      finite, so that their refined factors are the consensus).
     benign: ``(K,)`` bool, the benign set used (the given one, minus non-finite clients).
     noise_level: scalar per-entry noise std ``sigma`` used (given or estimated).
     subspace_noise: scalar per-entry noise std inside the subspace used by ``"auto"``
@@ -190,6 +194,46 @@ def geometric_median(points: jax.Array, weights: jax.Array, iters: int = MEDIAN_
 
   median = jax.lax.fori_loop(0, iters, step, start)
   return median.reshape(points.shape[1:])
+
+
+def huber_centre(points: jax.Array, weights: jax.Array, iters: int = HUBER_ITERS):
+  r"""Weighted Huber M-estimate of the centre of ``points`` ``(K, ...)``.
+
+  .. math::
+    \arg\min_z \sum_k w_k\, \rho_\tau(\|x_k - z\|_F),\qquad
+    \rho_\tau(d) = \begin{cases} d^2 / 2 & d \le \tau \\ \tau d - \tau^2 / 2 & d > \tau
+    \end{cases}
+
+  Started at the geometric median (:func:`geometric_median`), with ``tau = med_k d_k +
+  3.09 * 1.4826 * MAD_k(d_k)`` over the distances ``d_k`` of the weighted-in points from
+  that start (the bound the scatter's clipping uses); solved by iteratively reweighted
+  means with weights ``w_k min(1, tau / d_k)`` (each step decreases the objective).
+
+  Why not the geometric median itself: after detection the kept clients are benign up to
+  a minority that detection missed, so the efficient centre is their mean, and the
+  median's ``1 / d_k`` weights discard information when clients are few and their
+  distances unequal (LoRA updates trained on a few examples each). The Huber estimate is
+  the mean of every client within ``tau`` of the centre, and a client beyond ``tau`` pulls
+  like one at ``tau``: a single client's influence is bounded by ``tau / sum_k w_k`` and
+  ``tau`` is set from medians, so a minority cannot inflate it.
+  """
+  keep = weights > 0
+  flat = points.reshape(points.shape[0], -1)
+  start = geometric_median(points, weights).reshape(-1)
+  dist0 = jnp.sqrt(jnp.sum(jnp.square(flat - start[None]), axis=1))
+  med = _masked_median(dist0, keep)
+  mad = _masked_median(jnp.abs(dist0 - med), keep)
+  radius = med + CLIP_Z * _MAD_TO_SD * mad
+  tiny = jnp.finfo(flat.dtype).tiny
+
+  def step(_, z):
+    dist = jnp.sqrt(jnp.sum(jnp.square(flat - z[None]), axis=1))
+    clip = jnp.where(dist <= radius, 1.0, radius / jnp.maximum(dist, tiny))
+    beta = jnp.where(keep, weights * clip, 0.0)
+    return (beta @ flat) / jnp.maximum(jnp.sum(beta), tiny)
+
+  centre = jax.lax.fori_loop(0, iters, step, start)
+  return centre.reshape(points.shape[1:])
 
 
 def _masked_median(values, mask):
@@ -328,7 +372,7 @@ def refine_updates(
   centre is ``C_bar + T (T + sigma^2 I)^{-1} (C_k - C_bar)`` (James-Stein / Efron-Morris);
   the centre's own variance cancels from this optimum for the mean (``Cov(Theta_k - C_bar,
   C_k - C_bar) = T (1 - 1/|B|)``, ``Var(C_k - C_bar) = (T + sigma^2)(1 - 1/|B|)``) and to
-  ``O(1/(|B| d))`` for the geometric median in ``d = r n`` dimensions. ``T + sigma^2 I`` is
+  ``O(1/(|B| d))`` for a robust centre in ``d = r n`` dimensions. ``T + sigma^2 I`` is
   estimated by the (clipped, see below) scatter of the benign deviations
   ``Y = [C_k - C_bar]`` (``r x N``, ``N = (|B| - 1) n`` degrees of freedom); its
   eigenvectors ``P`` are the principal directions of how clients differ; each direction's
@@ -365,8 +409,9 @@ def refine_updates(
   client can add a direction (leave-largest-share-out tests above), and every other
   statistic is a benign-set median or clipped: ``sigma`` is a median of per-client
   residuals (chi-square with ``(m - r) n`` degrees of freedom, so concentrated: a minority
-  moves it at most to a neighbouring benign quantile); ``C_bar`` is a geometric median
-  (breakdown 1/2); in the scatter each client's deviation norm is clipped at the median
+  moves it at most to a neighbouring benign quantile); ``C_bar`` is a Huber centre started at
+  the geometric median (breakdown 1/2) with its radius set from median distances, so a
+  client beyond it pulls no more than one at the radius; in the scatter each client's deviation norm is clipped at the median
   plus ``3.09`` robust standard deviations (Huber-type weights), so no client adds more
   than that bound. A minority can therefore at most raise the strength in the directions
   it pushes (towards projection, each benign client keeping its own coefficients, the
@@ -536,7 +581,7 @@ def _refine(updates, benign, noise_level, subspace_noise, rank, strength, *, max
   subspace = basis * maskf[None, :]
 
   coefficients = jnp.einsum("mw,kmn->kwn", subspace, x_safe)
-  centre = geometric_median(coefficients, stats.astype(dtype))
+  centre = huber_centre(coefficients, stats.astype(dtype))
   deviations = coefficients - centre[None]
 
   if strength is None:  # "auto"
@@ -580,6 +625,9 @@ def _refine(updates, benign, noise_level, subspace_noise, rank, strength, *, max
 
   right = centre[None] + s[None, :, None] * deviations
   refined_benign = jnp.einsum("mw,kwn->kmn", subspace, right)
+  # A non-finite client has no coefficients of its own: it is given the centre's, so its
+  # refined factors (:func:`refined_factors`) are the consensus.
+  coefficients = jnp.where(finite[:, None, None], coefficients, centre[None])
   refined = jnp.where(benign[:, None, None], refined_benign.astype(in_dtype), updates)
   consensus = (subspace @ centre).astype(in_dtype)
   saturated = (passing > max_rank) if rank is None else jnp.asarray(False)
@@ -610,7 +658,10 @@ def refined_factors(refinement: Refinement) -> tuple[jax.Array, jax.Array]:
   The rank on the ``m`` side is ``refinement.rank`` (columns of ``U`` beyond it are zero,
   so a consumer may slice ``[:, :rank]`` / ``[:rank]`` once ``rank`` is concrete). For
   clients outside the benign set the factors give ``U diag(s) C_k + U (1 - diag(s)) C_bar``
-  as for the others, whereas ``refinement.refined`` returns them as sent.
+  as for the others (a server serving every client uses these: a flagged client's update
+  enters no statistic, and one flagged by mistake still gets the pooled refinement), and
+  the consensus ``U C_bar`` for non-finite clients; ``refinement.refined`` returns the
+  clients outside the benign set as sent.
 
   Args:
     refinement: a :class:`Refinement`.

@@ -64,3 +64,32 @@ def check_rank(rank: int, shape: tuple[int, int, int]) -> int:
 def is_traced(x) -> bool:
   """Whether ``x`` is an abstract value (inside jit/vmap), where value checks cannot raise."""
   return isinstance(x, jax.core.Tracer)
+
+
+def check_client_weights(client_weights, num_clients: int, dtype) -> jax.Array:
+  """``(K,)`` group-penalty weights: ones by default; concrete ones finite and >= 0.
+
+  A weight scales how much a client may deviate before the group penalty lets it go, so
+  a negative or NaN weight has no meaning (the convex program would be unbounded).
+  """
+  if client_weights is None:
+    return jnp.ones((num_clients,), compute_dtype(dtype))
+  client_weights = jnp.asarray(client_weights)
+  if client_weights.shape != (num_clients,):
+    raise ValueError(f"client_weights must have shape (K,) = ({num_clients},); "
+                     f"got {client_weights.shape}.")
+  if not is_traced(client_weights):
+    values = np.asarray(client_weights, dtype=np.float64)
+    bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)))
+    if bad.size:
+      raise ValueError(
+          f"client_weights must be finite and >= 0; clients {bad.tolist()} have "
+          f"{values[bad].tolist()}.")
+  return client_weights
+
+
+def check_any_finite(finite, shape, what: str) -> None:
+  """Raises the one error for input with no finite client (``finite``: ``(K,)`` bool)."""
+  if not np.asarray(finite).any():
+    raise ValueError(f"all {shape[0]} client {what} contain NaN or Inf (shape="
+                     f"{tuple(shape)}); there is nothing to aggregate.")

@@ -101,7 +101,6 @@ def make_evaluators(graphdef):
 
 def evaluate_methods(
     graphdef, lora_template, params, test, *, dense: dict, lowrank: dict | None = None,
-    fallback: dict | None = None,
 ) -> dict:
   """Per-client metrics of every method.
 
@@ -111,27 +110,20 @@ def evaluate_methods(
     dense: ``{method: {path: (K, in, out)}}`` methods evaluated as ``W + Delta_k``.
     lowrank: ``{method: {path: (lora_a (K, in, w), lora_b (K, w, out))}}`` methods
       evaluated through LoRA adapters.
-    fallback: ``{method: (K,) bool}``: clients of a low-rank method that are evaluated
-      with their own dense local update instead (the clients CLAIR flags keep their
-      update); needs ``dense["local"]``.
 
   Returns:
     ``{method: {metric: (K,) numpy}}`` in the order of ``dense`` then ``lowrank``.
   """
   dense_fn, lowrank_fn = make_evaluators(graphdef)
   test = jnp.asarray(test)
-  lowrank, fallback = lowrank or {}, fallback or {}
+  lowrank = lowrank or {}
   out = {}
   for method, deltas in dense.items():
     out[method] = {k: np.asarray(v)
                    for k, v in dense_fn(lora_template, params, deltas, test).items()}
   for method, factors in lowrank.items():
-    metrics = {k: np.asarray(v)
-               for k, v in lowrank_fn(lora_template, params, factors, test).items()}
-    if method in fallback:
-      use_local = np.asarray(fallback[method], bool)
-      metrics = {k: np.where(use_local, out["local"][k], v) for k, v in metrics.items()}
-    out[method] = metrics
+    out[method] = {k: np.asarray(v)
+                   for k, v in lowrank_fn(lora_template, params, factors, test).items()}
   return out
 
 

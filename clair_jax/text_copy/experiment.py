@@ -15,7 +15,11 @@ CLAIR here is: detection per module with one joint verdict across modules
 (``federation.joint_verdict``), then per module the core refinement
 (:func:`clair_jax.refine_updates`): partial pooling of the kept clients'
 in-subspace coefficients toward a robust centre, ``U (C_bar + s (C_k - C_bar))``, as
-LoRA adapters. The strength ``s`` comes either from the server alone
+LoRA adapters. Every client is served its refined adapter, flagged ones included: a
+flagged client's update never enters the statistics (subspace, centre, strength), but a
+benign client flagged by mistake then loses only its influence, not the federation's
+pooling (an attacker gets its own update projected and pulled to the centre, which harms
+nobody else). The strength ``s`` comes either from the server alone
 (``strength="auto"``, row ``clair_server_only``) or from a *federated evaluation round*
 (``strength_mode="evaluation_round"``): every client reports the token error (``1 -``
 token accuracy; ``round_metric="loss"`` reports cross-entropy instead) of its refined
@@ -329,8 +333,6 @@ def run_experiment(
           fed_lib.refine(agg.mats, ~flagged, 1.0), config.side),
       "clair_true_benign": fed_lib.refined_adapters(true_ref, config.side),
   }
-  fallback = {"clair": flagged, other_name: flagged, "clair_projection": flagged,
-              "clair_true_benign": ~fed.benign}
   dense = dict(agg.deltas)
   dense["clair_consensus"] = fed_lib.consensus_deltas(detected, num_clients, config.side)
 
@@ -344,7 +346,6 @@ def run_experiment(
     noise = {p: jnp.where(liars, 0.0, v) for p, v in noise.items()}
     client_noise_ref = fed_lib.refine(agg.mats, ~flagged, "auto", subspace_noise=noise)
     lowrank["clair_client_noise"] = fed_lib.refined_adapters(client_noise_ref, config.side)
-    fallback["clair_client_noise"] = flagged
     timing["split_noise_s"] = time.perf_counter() - t0
 
   if config.large_data:
@@ -357,7 +358,7 @@ def run_experiment(
   lowrank = {m: lowrank[m] for m in order if m in lowrank}
   t0 = time.perf_counter()
   per_client = eval_lib.evaluate_methods(graphdef, lora0, params, fed.test, dense=dense,
-                                         lowrank=lowrank, fallback=fallback)
+                                         lowrank=lowrank)
   if config.large_data:
     _, lowrank_fn = eval_lib.make_evaluators(graphdef)
     metrics = lowrank_fn(lora0, params, large, jnp.asarray(fed.test[index]))

@@ -22,7 +22,8 @@ kept clients' coefficients; ``s = 1`` is the projection ``U U^T D_k``, ``s = 0``
 pooled update (``Refinement.consensus``). Refined updates go back as LoRA adapters of rank
 ``w`` (:func:`refined_factors`): with ``side="out"``, ``Delta W~_k = Dtilde_k^T``, i.e.
 ``lora_a = right_k^T (in, w)`` per client and ``lora_b = U^T (w, out)`` shared by all
-clients. Flagged clients keep their own adapter.
+clients. Flagged clients get their refined adapter too (their updates never enter the
+statistics; see ``experiment``).
 
 Joint verdict (one per client, across ``J`` modules). Each module ``j`` gives CLAIR scores
 ``s_jk`` and a threshold ``t_j`` (``contaminated_jk = s_jk > t_j``). A data attacker's

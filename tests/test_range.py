@@ -1,0 +1,71 @@
+"""Input range, option validation and result summaries at the boundary of :func:`clair`."""
+
+import jax
+import numpy as np
+import pytest
+
+import clair_jax
+from problems import make_problem
+
+# One shape for the whole file: a single compile serves every scale.
+PROBLEM = make_problem(num_clients=20, m=48, n=12, rank=3, fraction=0.25, noise=0.05, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference():
+  return clair_jax.clair(PROBLEM.updates, 3)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_verdicts_do_not_depend_on_the_input_scale(reference, scale):
+  """Float32 input scaled anywhere from 1e-30 to 1e30: the same verdicts (no square
+  over- or underflows), and outputs that scale with the input."""
+  assert np.array_equal(reference.contaminated, PROBLEM.contaminated)
+  scaled = (PROBLEM.updates.astype(np.float64) * scale).astype(np.float32)
+  result = clair_jax.clair(scaled, 3)
+  assert result.status_name == "successful"
+  np.testing.assert_array_equal(result.contaminated, reference.contaminated)
+  np.testing.assert_allclose(float(result.noise_level) / scale, float(reference.noise_level),
+                             rtol=1e-3)
+  benign = ~np.asarray(reference.contaminated)
+  np.testing.assert_allclose(np.asarray(result.refined)[benign] / scale,
+                             np.asarray(reference.refined)[benign], rtol=1e-3, atol=1e-5)
+
+
+def test_all_non_finite_input_is_one_clear_error():
+  bad = np.full((5, 8, 4), np.nan, np.float32)
+  bad[1] = np.inf
+  with pytest.raises(ValueError, match="all 5 client updates contain NaN or Inf"):
+    clair_jax.clair(bad, 1)
+  with pytest.raises(ValueError, match="all 5 client factors contain NaN or Inf"):
+    clair_jax.clair(clair_jax.FactoredUpdates(bad[:, :, :2], bad[:, :2, :]), 1)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("tol", -1.0), ("tol", float("nan")), ("max_steps", 0), ("max_steps", 2.5),
+    ("continuation_factor", 2.0), ("continuation_factor", 0.0), ("max_trim_steps", -1),
+    ("mad_multiplier", 0.0), ("num_candidates", 0), ("scale_floor", -1e-3),
+])
+def test_out_of_range_options_are_refused_by_name(option, value):
+  with pytest.raises(ValueError, match=option):
+    clair_jax.clair(PROBLEM.updates, 3, **{option: value})
+
+
+def test_negative_or_nan_client_weights_are_refused():
+  weights = np.ones(20)
+  weights[[2, 7]] = [-1.0, np.nan]
+  with pytest.raises(ValueError, match=r"clients \[2, 7\]"):
+    clair_jax.clair(PROBLEM.updates, 3, client_weights=weights)
+
+
+def test_summary_rounds_and_handles_batched_results(reference):
+  text = reference.summary()
+  assert "clients flagged" in text
+  # Every number in the thresholds list has at most 3 significant digits.
+  thresholds = text.split("thresholds [")[1].split("]")[0].split(", ")
+  assert all(len(t.replace(".", "").replace("-", "").lstrip("0")) <= 3 for t in thresholds)
+  batched = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), reference,
+                         reference)
+  lines = batched.summary()
+  assert lines.count("problem 0:") == 1 and lines.count("problem 1:") == 1
+  assert lines.count("clients flagged") == 2
