@@ -12,7 +12,7 @@ Eager, float32 like the JAX default; LAPACK through ``scipy.linalg``; every ``ei
 slower here, which would flatter the JAX/NumPy ratio). The SVT is the exact prox through a
 full ``eigh`` of the Gram (the textbook implementation); ``clair_jax`` computes the same
 prox from a warm-started subspace iteration when it can certify it (see
-``clair_jax._src.solver.svt_warm``) and the full ``eigh`` otherwise.
+``clair_jax._src.svt.svt_warm``) and the full ``eigh`` otherwise.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from clair_jax._src.estimator import ClairOptions
 from clair_jax._src.estimator import ClairResult
-from clair_jax._src.estimator import clair
+from clair_jax._src.api import clair
 from clair_jax._src.estimator import estimate_rank
 from clair_jax._src.factored import FactoredUpdates
 from clair_jax._src.factored import clair_factored
@@ -20,11 +20,12 @@ from clair_jax._src.refine import refined_factors
 from clair_jax._src.solver import DecompositionSolution
 from clair_jax._src.solver import DecompositionState
 from clair_jax._src.solver import STATUS_NAMES
+from clair_jax._src.status import Status
 from clair_jax._src.solver import decomposition_step
 from clair_jax._src.solver import init_decomposition
 from clair_jax._src.solver import solve_decomposition
 from clair_jax._src.solver import sparse_part
-from clair_jax._src.solver import svt_blocks
+from clair_jax._src.svt import svt_blocks
 from clair_jax._src.subspace import fit_subspace
 from clair_jax._src.subspace import from_columns
 from clair_jax._src.subspace import project_onto_subspace
@@ -47,6 +48,7 @@ __all__ = (
     "DecompositionState",
     "FactoredUpdates",
     "STATUS_NAMES",
+    "Status",
     "clair",
     "clair_factored",
     "decomposition_step",

@@ -17,7 +17,7 @@ import numpy as np
 from clair_jax import baselines
 from clair_jax import metrics
 from clair_jax import synthetic
-from clair_jax._src.estimator import clair
+from clair_jax._src.api import clair
 
 SCENARIOS = (
     ("random garbage", dict(attack="random")),

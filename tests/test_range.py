@@ -44,7 +44,7 @@ def test_all_non_finite_input_is_one_clear_error():
 @pytest.mark.parametrize("option, value", [
     ("tol", -1.0), ("tol", float("nan")), ("max_steps", 0), ("max_steps", 2.5),
     ("continuation_factor", 2.0), ("continuation_factor", 0.0), ("max_trim_steps", -1),
-    ("mad_multiplier", 0.0), ("num_candidates", 0), ("scale_floor", -1e-3),
+    ("mad_multiplier", -1.0), ("num_candidates", 0), ("scale_floor", -1e-3),
 ])
 def test_out_of_range_options_are_refused_by_name(option, value):
   with pytest.raises(ValueError, match=option):
@@ -69,3 +69,38 @@ def test_summary_rounds_and_handles_batched_results(reference):
   lines = batched.summary()
   assert lines.count("problem 0:") == 1 and lines.count("problem 1:") == 1
   assert lines.count("clients flagged") == 2
+
+
+def test_a_new_float_option_value_does_not_recompile():
+  """Float options are traced: a second value reuses the compiled program, and the value
+  still acts (a higher residual floor flags no more clients)."""
+  from clair_jax._src import estimator
+  first = clair_jax.clair(PROBLEM.updates, 3, threshold_ratio=1.7, tol=3e-4)
+  compiled = estimator._clair_compiled._cache_size()
+  second = clair_jax.clair(PROBLEM.updates, 3, threshold_ratio=50.0, tol=2e-4)
+  assert estimator._clair_compiled._cache_size() == compiled
+  assert np.sum(second.contaminated) <= np.sum(first.contaminated)
+  assert float(np.asarray(second.thresholds)[0]) >= 50.0 - 1e-3  # the floor took effect
+  assert float(np.asarray(first.thresholds)[0]) < 50.0
+
+
+def test_status_codes_carry_their_meaning(reference):
+  assert reference.status_name == "successful"
+  assert "converged" in reference.status_message
+  assert clair_jax.STATUS_NAMES == {int(s): s.name.lower() for s in clair_jax.Status}
+  assert "max_steps" in clair_jax.Status.MAX_STEPS_REACHED.message
+  assert clair_jax.Status(3).message.startswith("no client has finite updates")
+
+
+def test_options_object_and_keywords_agree(reference):
+  options = clair_jax.ClairOptions(threshold_ratio=50.0, mad_multiplier=0.0)
+  as_object = clair_jax.clair(PROBLEM.updates, 3, options=options)
+  as_keywords = clair_jax.clair(PROBLEM.updates, 3, threshold_ratio=50.0, mad_multiplier=0.0)
+  np.testing.assert_array_equal(as_object.thresholds, as_keywords.thresholds)
+  assert float(np.asarray(as_object.thresholds)[0]) >= 50.0 - 1e-3
+  # keywords override the object
+  back = clair_jax.clair(PROBLEM.updates, 3, options=options, threshold_ratio=None,
+                         mad_multiplier=3.0)
+  np.testing.assert_array_equal(back.contaminated, reference.contaminated)
+  with pytest.raises(TypeError, match="ClairOptions"):
+    clair_jax.clair(PROBLEM.updates, 3, options={"tol": 1e-3})

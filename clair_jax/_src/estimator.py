@@ -14,18 +14,20 @@ import numpy as np
 from clair_jax._src import detect
 from clair_jax._src import refine as refine_lib
 from clair_jax._src import solver
+from clair_jax._src import svt
 from clair_jax._src import validate
 from clair_jax._src.prox import safe_norm
 from clair_jax._src.subspace import project_onto_subspace
+from clair_jax._src.status import Start
+from clair_jax._src.status import Status
 from clair_jax._src.subspace import stack_clients
 from clair_jax._src.subspace import to_columns
 
 # Where the benign set came from (see ClairResult.start).
-START_CONVEX = 0
-START_CONSENSUS = 1
-START_COMPLEMENT = 2
-START_NAMES = {START_CONVEX: "convex", START_CONSENSUS: "consensus",
-               START_COMPLEMENT: "complement"}
+START_CONVEX = int(Start.CONVEX)
+START_CONSENSUS = int(Start.CONSENSUS)
+START_COMPLEMENT = int(Start.COMPLEMENT)
+START_NAMES = {int(code): code.name.lower() for code in Start}
 
 # Default lambda_L is this factor above the edge of the noise spectrum, sigma (sqrt(m) +
 # sqrt(K n)). The SVT input M - S keeps each contaminated block at norm lambda_S (1.5x a
@@ -188,7 +190,12 @@ class ClairResult(NamedTuple):
 
   @property
   def status_name(self) -> str:
-    return solver.STATUS_NAMES[int(self.status)]
+    return Status(int(self.status)).name.lower()
+
+  @property
+  def status_message(self) -> str:
+    """What the status means, in a sentence (:class:`clair_jax.Status`)."""
+    return Status(int(self.status)).message
 
   def summary(self) -> str:
     """A few human-readable lines (call on concrete results, not inside jit).
@@ -213,7 +220,7 @@ class ClairResult(NamedTuple):
         f"  convex solver: {self.status_name} after {int(self.solver_steps)} steps "
         f"(residual {float(self.solver_residual):.2e}); trimming steps {int(self.trim_steps)}, "
         f"start {START_NAMES[int(self.start)]}",
-    ])
+    ] + ([] if int(self.status) == Status.SUCCESSFUL else [f"  ({self.status_message})"]))
 
 
 def _options(options: dict) -> ClairOptions:
@@ -242,8 +249,8 @@ def _options(options: dict) -> ClairOptions:
       raise ValueError(f"{name} must be a nonnegative int or None; got {value!r}")
   if opts.subspace_noise is not None and not float(opts.subspace_noise) >= 0:
     raise ValueError(f"subspace_noise must be >= 0 or None; got {opts.subspace_noise}")
-  if opts.svt_method not in solver.SVT_METHODS:
-    raise ValueError(f"svt_method must be one of {solver.SVT_METHODS}; got {opts.svt_method!r}")
+  if opts.svt_method not in svt.SVT_METHODS:
+    raise ValueError(f"svt_method must be one of {svt.SVT_METHODS}; got {opts.svt_method!r}")
   if opts.svt_width is not None and not (isinstance(opts.svt_width, numbers.Integral)
                                          and not isinstance(opts.svt_width, bool)
                                          and opts.svt_width >= 1):
@@ -255,7 +262,7 @@ def _options(options: dict) -> ClairOptions:
     if value is not None and not float(value) > 0:
       raise ValueError(f"{name} must be positive or None; got {value}")
   _check_number(opts, "tol", lambda v: v > 0, "> 0")
-  _check_number(opts, "mad_multiplier", lambda v: v > 0, "> 0")
+  _check_number(opts, "mad_multiplier", lambda v: v >= 0, ">= 0")
   _check_number(opts, "scale_floor", lambda v: v >= 0, ">= 0")
   _check_number(opts, "convex_floor", lambda v: v >= 0, ">= 0")
   # The continuation shrinks the weights geometrically toward their target: a factor
@@ -281,58 +288,12 @@ def _check_int(opts, name: str, minimum: int) -> None:
     raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
 
 
-def clair(updates, rank: int | None = None, *, client_weights=None, **options) -> ClairResult:
-  """Detects contaminated clients, recovers the shared subspace and refines benign updates.
+def clair_dense(updates, rank: int | None = None, *, client_weights=None,
+                **options) -> ClairResult:
+  """:func:`clair_jax.clair` on a dense ``(K, m, n)`` stack (validation, then the jitted core).
 
-  Stacking the client updates ``M = [D_1, ..., D_K]`` (``m x K n``), CLAIR solves
-
-  .. math::
-    \\min_{L,S}\\ \\tfrac12\\|M - L - S\\|_F^2 + \\lambda_L\\|L\\|_*
-      + \\lambda_S \\sum_k w_k \\|S_k\\|_F
-
-  with noise-calibrated weights, then runs a rank-aware trimming loop from the convex
-  solution and from a client-count consensus start (which defeats coherent groups, also
-  ones with larger norms), keeps the split that explains a majority of clients best, fits
-  ``U`` (top-``r`` left singular vectors of the benign updates) and refines each benign
-  client as ``U U^T D_k``.
-
-  Jittable (``rank`` and options static) and vmappable over a leading problem axis.
-  ``rank=None`` picks the rank from data (:func:`estimate_rank`) and needs concrete input.
-
-  Args:
-    updates: ``(K, m, n)`` float array (bf16/f16 are computed in f32), ``K >= 3``.
-      A client with any NaN/Inf (or a squared norm that overflows) is flagged and
-      excluded from every fit and statistic.
-    rank: shared-subspace dimension ``1 <= r <= min(m, K n)``, or ``None``.
-    client_weights: optional ``(K,)`` nonnegative ``w_k`` in the group penalty.
-    **options: any field of :class:`ClairOptions`.
-
-  Sharding: ``updates`` sharded on the client axis (``NamedSharding(mesh, P("clients"))``)
-  is solved in place: every client-wise step runs where the client lives, the ``m x m``
-  Gram sums (and ``(K,)`` score vectors) are the only cross-device traffic, and the
-  per-client outputs come back sharded the same way. With ``svt_method="auto"`` the SVT's
-  exact fallback is the Gram there (the SVD would gather the stacked matrix).
-  A :class:`clair_jax.FactoredUpdates` is solved by :func:`clair_jax.clair_factored`.
-
-  Returns:
-    :class:`ClairResult`.
-
-  Raises:
-    ValueError: bad shapes, dtype, rank or options; or (for concrete input) no finite client.
-
-  Example:
-    >>> import jax, clair_jax
-    >>> key = jax.random.PRNGKey(0)
-    >>> basis = jnp.linalg.qr(jax.random.normal(key, (32, 2)))[0]
-    >>> coef = jax.random.normal(jax.random.PRNGKey(1), (10, 2, 8))
-    >>> updates = jnp.einsum("mr,krn->kmn", basis, coef)
-    >>> updates = updates.at[:3].set(jax.random.normal(key, (3, 32, 8)))
-    >>> clair_jax.clair(updates, rank=2).contaminated.tolist()  # doctest: +ELLIPSIS
-    [True, True, True, False, ...]
+  See :func:`clair_jax._src.api.clair` for the method, arguments and result.
   """
-  from clair_jax._src import factored  # pylint: disable=g-import-not-at-top (cycle)
-  if isinstance(updates, factored.FactoredUpdates):
-    return factored.clair_factored(updates, rank, client_weights=client_weights, **options)
   updates = validate.check_updates(updates)
   opts = _options(options)
   # The SVD fallback stacks (gathers) the clients; keep sharded clients in place.
@@ -367,10 +328,38 @@ def is_sharded(x) -> bool:
   return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "opts", "gather"))
+# Options whose values are traced through jit (a new value does not recompile); whether
+# one is given (None selects the estimated default) and every other field stay static.
+TRACED_OPTIONS = ("lam_low_rank", "lam_sparse", "noise_level", "threshold_ratio",
+                  "mad_multiplier", "scale_floor", "convex_floor", "tol",
+                  "continuation_factor", "refine_strength", "subspace_noise")
+_TRACED = "<traced>"  # stands in for a traced value in the static options
+
+
+def split_options(opts: ClairOptions) -> tuple[ClairOptions, dict]:
+  """``(static, values)``: the options with every given float replaced by a marker (the
+  hashable part a jit compiles for) and those floats as scalars (traced arguments)."""
+  values = {name: jnp.asarray(getattr(opts, name)) for name in TRACED_OPTIONS
+            if not isinstance(getattr(opts, name), (type(None), str))}
+  return opts._replace(**dict.fromkeys(values, _TRACED)), values
+
+
+def merge_options(static: ClairOptions, values: dict) -> ClairOptions:
+  """Inverse of :func:`split_options` (inside the jit: the values are tracers)."""
+  return static._replace(**values)
+
+
 def _clair_jit(updates, client_weights, rank: int, opts: ClairOptions,
                gather: bool = True) -> ClairResult:
-  return clair_core(updates, client_weights, rank, opts, gather=gather)
+  static, values = split_options(opts)
+  return _clair_compiled(updates, client_weights, values, rank, static, gather)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "static", "gather"))
+def _clair_compiled(updates, client_weights, values: dict, rank: int, static: ClairOptions,
+                    gather: bool) -> ClairResult:
+  return clair_core(updates, client_weights, rank, merge_options(static, values),
+                    gather=gather)
 
 
 def _normalise(updates: jax.Array):
@@ -560,7 +549,8 @@ def refine_stage(x_n, benign, representative, subspace, opts: ClairOptions,
   num_clients, m, n = x_n.shape
   max_rank = opts.refine_max_rank or refine_lib.default_max_rank(m, n, num_clients)
   max_rank = max(1, min(max_rank, m, num_clients * n))
-  strength = None if opts.refine_strength == "auto" else float(opts.refine_strength)
+  strength = (None if isinstance(opts.refine_strength, str)
+              else jnp.asarray(opts.refine_strength, x_n.dtype))
   inside = (jnp.nan if opts.subspace_noise is None
             else jnp.asarray(opts.subspace_noise, x_n.dtype) / data_scale)
   rank = None if opts.refine_rank is None else min(opts.refine_rank, max_rank)

@@ -53,7 +53,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from clair_jax._src import estimator
 from clair_jax._src import validate
@@ -321,11 +320,20 @@ def clair_factored(factored: FactoredUpdates, rank: int | None = None, *,
 _reduce_jit = jax.jit(reduce_factored)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "opts", "dense_weights"))
 def _clair_factored_jit(factored: FactoredUpdates, client_weights, rank: int,
                         opts: estimator.ClairOptions,
                         dense_weights: bool = False) -> estimator.ClairResult:
-  return clair_factored_core(factored, client_weights, rank, opts, dense_weights)
+  static, values = estimator.split_options(opts)
+  return _clair_factored_compiled(factored, client_weights, values, rank, static,
+                                  dense_weights)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "static", "dense_weights"))
+def _clair_factored_compiled(factored: FactoredUpdates, client_weights, values: dict,
+                             rank: int, static: estimator.ClairOptions,
+                             dense_weights: bool) -> estimator.ClairResult:
+  return clair_factored_core(factored, client_weights, rank,
+                             estimator.merge_options(static, values), dense_weights)
 
 
 def clair_factored_core(factored: FactoredUpdates, client_weights, rank: int,

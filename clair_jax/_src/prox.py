@@ -9,6 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from clair_jax._src.svt import gram_svt_factors
+from clair_jax._src.svt import svt_from_svd
+
 
 def safe_norm(x: jax.Array, min_norm: float = 0.0, axis=None, keepdims: bool = False):
   """Euclidean/Frobenius norm whose gradient at ``x = 0`` is ``0`` rather than NaN.
@@ -47,6 +50,14 @@ def prox_group_lasso(x: jax.Array, threshold: jax.Array | float) -> jax.Array:
 
   Returns:
     Array like ``x``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from clair_jax import prox_group_lasso
+    >>> prox_group_lasso(jnp.array([3.0, 4.0]), 1.0).tolist()  # norm 5 -> 4
+    [2.4000000953674316, 3.200000047683716]
+    >>> prox_group_lasso(jnp.array([0.3, 0.4]), 1.0).tolist()  # norm 0.5 <= 1 -> zero
+    [0.0, 0.0]
   """
   norm = safe_norm(x)
   keep = norm > threshold
@@ -71,13 +82,6 @@ def prox_group_lasso_blocks(blocks: jax.Array, thresholds: jax.Array | float) ->
   return jax.vmap(prox_group_lasso)(blocks, thresholds)
 
 
-def svt_from_svd(x: jax.Array, threshold: jax.Array):
-  """``(SVT_t(x), (U, s, V^T, (s - t)_+))`` from one SVD (no custom derivative)."""
-  left, singular_values, right_t = jnp.linalg.svd(x, full_matrices=False)
-  shrunk = jnp.maximum(singular_values - threshold, 0.0)
-  return (left * shrunk[None, :]) @ right_t, (left, singular_values, right_t, shrunk)
-
-
 @jax.custom_jvp
 def prox_nuclear(x: jax.Array, threshold: jax.Array | float) -> jax.Array:
   """Singular value thresholding (SVT): the prox of ``t * ||.||_*``.
@@ -97,6 +101,13 @@ def prox_nuclear(x: jax.Array, threshold: jax.Array | float) -> jax.Array:
 
   Returns:
     ``(m, N)`` matrix of rank ``#{i : s_i > t}``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from clair_jax import prox_nuclear
+    >>> x = jnp.diag(jnp.array([3.0, 1.0, 0.5]))
+    >>> jnp.linalg.svd(prox_nuclear(x, 0.8), compute_uv=False).round(3).tolist()
+    [2.200000047683716, 0.20000000298023224, 0.0]
   """
   return svt_from_svd(x, jnp.asarray(threshold, x.dtype))[0]
 
@@ -158,31 +169,3 @@ def prox_nuclear_gram(x: jax.Array, threshold: jax.Array | float) -> jax.Array:
   return (vectors * factor[None, :]) @ (vectors.T @ x)
 
 
-def gram_svt_factors(gram: jax.Array, threshold: jax.Array):
-  """From ``X X^T = V diag(s^2) V^T``: ``(V, s, max(1 - t/s, 0))``.
-
-  ``SVT_t(X) = V diag(factor) V^T X``; shared by :func:`prox_nuclear_gram` and the
-  solver's block-wise Gram path.
-  """
-  eigenvalues, vectors = jnp.linalg.eigh(gram)
-  singular_values = jnp.sqrt(jnp.maximum(eigenvalues, 0.0))
-  return vectors, singular_values, shrink_factors(singular_values, threshold)
-
-
-def shrink_factors(singular_values: jax.Array, threshold: jax.Array) -> jax.Array:
-  """``max(1 - t/s, 0)``: SVT as a rescaling of the singular directions (0 where
-  ``s <= t``, no division by zero)."""
-  keep = singular_values > threshold
-  return jnp.where(keep, 1.0 - threshold / jnp.where(keep, singular_values, 1.0), 0.0)
-
-
-def gram_is_accurate(singular_values_max: jax.Array, threshold: jax.Array, dtype) -> jax.Array:
-  """Whether Gram-based SVT is accurate at this threshold.
-
-  Eigenvalues of ``X X^T`` carry an absolute error of about ``eps * s_max^2``, so a kept
-  singular value ``s > t`` is off by about ``eps * s_max^2 / (2 s) <= eps * s_max^2 / (2 t)``.
-  We accept the Gram path while ``t >= sqrt(eps) * s_max`` (each kept component then off by
-  at most ``sqrt(eps) / 2`` of ``s_max``, ~2e-4 in float32) and fall back to the SVD otherwise.
-  """
-  eps = jnp.finfo(dtype).eps
-  return threshold >= singular_values_max * jnp.sqrt(eps)

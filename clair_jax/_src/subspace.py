@@ -68,7 +68,7 @@ def rayleigh_ritz(stacked: jax.Array, basis: jax.Array,
   The ``eigh`` gives singular values to ``eps s_1^2 / s_i``. With ``refine_below = t``,
   where that is coarse at ``t`` (``eps (s_1 / t)^2 > 1e-4``), ``W`` and ``sqrt(Theta)``
   are taken from :func:`accurate_rotation` instead (to ``eps s_1``): a solver thresholding
-  at ``t`` needs them (see :func:`clair_jax._src.solver.svt_warm`).
+  at ``t`` needs them (see :func:`clair_jax._src.svt.svt_warm`).
 
   ``column_mask`` (0/1, of ``stacked``'s rank with a leading 1, e.g. ``(1, K, 1)`` for
   clients in the column layout) restricts ``X`` to the masked columns, ``G = X W X^T``,

@@ -30,7 +30,6 @@ shows the error against ``h`` per method. Outputs in ``--out``: ``report.json``,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -44,6 +43,7 @@ import numpy as np
 from clair_jax import baselines
 from clair_jax import metrics
 from clair_jax import synthetic
+from clair_jax._src import reporting
 from clair_jax._src.refine import refine_updates
 
 REFERENCES = ("projection", "pooled", "fedavg", "median", "trimmed_mean", "multi_krum",
@@ -360,8 +360,7 @@ def run(args: argparse.Namespace) -> int:
       "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                       "python": platform.python_version(), "cpus": os.cpu_count()},
   }
-  with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  reporting.write_json(os.path.join(args.out, "report.json"), report)
   with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")
   if args.readme:

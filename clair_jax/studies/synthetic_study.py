@@ -28,7 +28,6 @@ seeds: see :mod:`clair_jax.studies.attacks_study`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -44,6 +43,7 @@ import clair_jax
 from clair_jax import baselines
 from clair_jax import metrics
 from clair_jax import synthetic
+from clair_jax._src import reporting
 
 METHODS = (
     "local",
@@ -254,15 +254,6 @@ def run_phase_diagram(config: StudyConfig, noise: float, progress=None) -> dict:
 # --------------------------------------------------------------------------- summaries
 
 
-def _geomean(values) -> float:
-  values = np.asarray(list(values), np.float64)
-  if values.size == 0:
-    return float("nan")
-  if np.any(~np.isfinite(values)):
-    return float("inf")
-  return float(np.exp(np.mean(np.log(np.maximum(values, 1e-300)))))
-
-
 def summarise_methods(cells: list[dict]) -> dict:
   """Per-method metrics aggregated over every grid cell."""
   summary = {}
@@ -276,10 +267,10 @@ def summarise_methods(cells: list[dict]) -> dict:
       if name != "oracle" and c["methods"][name]["benign_error"] <= min(others):
         best += 1
     entry = {
-        "benign_error_geomean": _geomean(errors),
+        "benign_error_geomean": reporting.geometric_mean(errors),
         "benign_error_median": float(np.median(errors)) if errors else float("nan"),
         "benign_error_mean": float(np.mean(errors)) if errors else float("nan"),
-        "ratio_to_oracle_geomean": _geomean(e / o for e, o in zip(errors, oracle)),
+        "ratio_to_oracle_geomean": reporting.geometric_mean(e / o for e, o in zip(errors, oracle)),
         "nonfinite_cells": len(errors) - len(finite),
         "best_cells": best,
         "num_cells": len(cells),
@@ -330,18 +321,6 @@ def run_checks(cells: list[dict]) -> dict:
   }
 
 
-def _fmt(value: float) -> str:
-  if value is None or (isinstance(value, float) and math.isnan(value)):
-    return "n/a"
-  if math.isinf(value):
-    return "inf"
-  if value >= 100:
-    return f"{value:.0f}"
-  if value >= 10:
-    return f"{value:.1f}"
-  return f"{value:.2f}"
-
-
 def markdown_table(cells: list[dict], config: StudyConfig, checks: dict, runtime_s: float) -> str:
   """Rows = attack; benign error (geometric mean over fractions x noise) per method."""
   header = ["attack"] + list(METHODS) + ["CLAIR/oracle", "CLAIR F1", "CLAIR exact"]
@@ -355,17 +334,17 @@ def markdown_table(cells: list[dict], config: StudyConfig, checks: dict, runtime
     if not group:
       continue
     row = [f"**{attack}**" if attack == "all" else attack]
-    errors = {name: _geomean(c["methods"][name]["benign_error"] for c in group) for name in METHODS}
+    errors = {name: reporting.geometric_mean(c["methods"][name]["benign_error"] for c in group) for name in METHODS}
     best = min(errors[b] for b in METHODS if b != "oracle")
     for name in METHODS:
-      text = _fmt(errors[name])
+      text = reporting.format_number(errors[name])
       row.append(f"**{text}**" if name != "oracle" and errors[name] == best else text)
     row.append(
-        _fmt(_geomean(c["methods"]["clair"]["benign_error"] / c["methods"]["oracle"]["benign_error"]
+        reporting.format_number(reporting.geometric_mean(c["methods"]["clair"]["benign_error"] / c["methods"]["oracle"]["benign_error"]
                       for c in group))
     )
-    row.append(_fmt(_mean(c["methods"]["clair"]["f1"] for c in group)))
-    row.append(_fmt(_mean(c["methods"]["clair"]["exact"] for c in group)))
+    row.append(reporting.format_number(_mean(c["methods"]["clair"]["f1"] for c in group)))
+    row.append(reporting.format_number(_mean(c["methods"]["clair"]["exact"] for c in group)))
     lines.append("| " + " | ".join(row) + " |")
   exact = checks["clair_within_oracle_factor_when_exact"]
   coherent = checks["clair_below_baselines_under_coherent_attacks"]
@@ -418,18 +397,9 @@ def _failures_text(checks: dict) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _plt():
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
-
-
 def plot_benign_error(cells: list[dict], config: StudyConfig, path: str) -> None:
   """One panel per attack: benign error (geometric mean over noise) vs contamination."""
-  plt = _plt()
+  plt = reporting.pyplot()
   attacks = list(config.attacks)
   cols = min(4, len(attacks))
   rows = math.ceil(len(attacks) / cols)
@@ -440,7 +410,7 @@ def plot_benign_error(cells: list[dict], config: StudyConfig, path: str) -> None
       ys = []
       for fraction in config.fractions:
         group = [c for c in cells if c["attack"] == attack and c["fraction"] == fraction]
-        ys.append(_geomean(c["methods"][name]["benign_error"] for c in group))
+        ys.append(reporting.geometric_mean(c["methods"][name]["benign_error"] for c in group))
       ys = np.asarray(ys)
       if not np.all(np.isfinite(ys)):
         infinite.append(name)
@@ -462,7 +432,7 @@ def plot_benign_error(cells: list[dict], config: StudyConfig, path: str) -> None
 
 def plot_phase_diagram(phase: dict, path: str) -> None:
   """Heatmaps over fraction x separation: exact detection rate and CLAIR/oracle error."""
-  plt = _plt()
+  plt = reporting.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   panels = [
       ("clair_exact", "CLAIR exact-recovery rate", "viridis", (0, 1)),
@@ -488,7 +458,7 @@ def plot_phase_diagram(phase: dict, path: str) -> None:
 
 def plot_client_scores(examples: list[tuple[str, Any, Any]], path: str) -> None:
   """Per-client CLAIR scores with the threshold, colored by the true contaminated set."""
-  plt = _plt()
+  plt = reporting.pyplot()
   fig, axes = plt.subplots(1, len(examples), figsize=(4.2 * len(examples), 3.2), squeeze=False)
   for ax, (title, problem, result) in zip(axes.flat, examples):
     scores = np.asarray(result.scores, np.float64)
@@ -532,25 +502,9 @@ def score_examples(config: StudyConfig, noise: float):
 
 def replace_between_markers(path: str, text: str, begin: str = TABLE_BEGIN,
                             end_marker: str = TABLE_END) -> None:
-  """Replaces the lines between ``begin`` and ``end_marker`` in ``path``.
-
-  Defaults: :data:`TABLE_BEGIN` and :data:`TABLE_END` (the attacks grid uses its own pair).
-
-  Raises:
-    ValueError: if the markers are missing or out of order.
-  """
-  with open(path, encoding="utf-8") as f:
-    content = f.read()
-  start = content.find(begin)
-  end = content.find(end_marker)
-  if start < 0 or end < 0 or end < start:
-    raise ValueError(
-        f"{path} must contain the lines {begin!r} and {end_marker!r} (in that order)"
-    )
-  head = content[: start + len(begin)]
-  new = head + "\n" + text.rstrip("\n") + "\n" + content[end:]
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(new)
+  """:func:`clair_jax._src.reporting.replace_between_markers`, this study's markers by
+  default."""
+  reporting.replace_between_markers(path, text, begin, end_marker)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -678,21 +632,6 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
   return config
 
 
-def _json_safe(value):
-  if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
-  if isinstance(value, (float, np.floating)):
-    value = float(value)
-    return value if math.isfinite(value) else None  # strict JSON: inf/nan -> null
-  if isinstance(value, (np.integer,)):
-    return int(value)
-  if isinstance(value, np.bool_):
-    return bool(value)
-  return value
-
-
 def run(args: argparse.Namespace) -> int:
   """Runs the study; returns the exit status (0 also when a check fails: it is reported)."""
   if uses_attacks_grid(args):
@@ -750,8 +689,7 @@ def run(args: argparse.Namespace) -> int:
           "clair_jax": clair_jax.__version__,
       },
   }
-  with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(_json_safe(report), f, indent=1, allow_nan=False)
+  reporting.write_json(os.path.join(args.out, "report.json"), report)
   with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")
   print(table)

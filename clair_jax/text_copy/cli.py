@@ -20,11 +20,12 @@ file (one section per preset and task, so all tables live side by side; see
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
+
+from clair_jax._src import reporting
 
 BEGIN = "<!-- text-copy-table:begin -->"
 END = "<!-- text-copy-table:end -->"
@@ -159,7 +160,6 @@ def markdown_table(report: dict) -> str:
   fed = cfg["federation"]
   task = cfg["task"].get("name", "copy")
   num_bad = int(round(fed["contamination"] * fed["num_clients"]))
-  n = len(seeds)
   what = ("every benign client copies (one shared change)" if task == "copy" else
           f"client-specific maps from {cfg['task']['num_skills']} shared skills, "
           f"Dirichlet({fed.get('skill_alpha')}) mixtures")
@@ -310,8 +310,7 @@ def run(args: argparse.Namespace) -> int:
       + (f"--round-metric {args.round_metric} " if getattr(args, "round_metric", None)
          else "")
       + (f"--seeds {' '.join(map(str, seeds))}" if args.seeds else f"--seed {args.seed}"))
-  with open(os.path.join(args.out, "report.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  reporting.write_json(os.path.join(args.out, "report.json"), report)
   plots.plot_report(report, args.out)
   table = markdown_table(report)
   print(table)
