@@ -34,10 +34,12 @@ from clair_jax._src.subspace import to_columns
 from clair_jax._src.subspace import unstack_clients
 
 # Public submodules (they depend on the core above, never the reverse).
+from clair_jax import adapters
 from clair_jax import attacks
 from clair_jax import baselines
 from clair_jax import metrics
 from clair_jax import synthetic
+from clair_jax.adapters import aggregate_adapters
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,7 @@ __all__ = (
     "FactoredUpdates",
     "STATUS_NAMES",
     "Status",
+    "aggregate_adapters",
     "clair",
     "clair_factored",
     "decomposition_step",
@@ -74,6 +77,7 @@ __all__ = (
     "project_onto_subspace",
     "stack_clients",
     "unstack_clients",
+    "adapters",
     "attacks",
     "baselines",
     "metrics",

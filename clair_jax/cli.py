@@ -1,4 +1,4 @@
-"""Command-line entry point: ``clair-jax {demo,synthetic,text-copy,heterogeneity}``.
+"""Command-line entry point: ``clair-jax {demo,aggregate,synthetic,text-copy,heterogeneity}``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported lazily so ``clair-jax --help`` stays fast and
@@ -20,6 +20,7 @@ _SUBCOMMANDS = {
     "text-copy": ("clair_jax.text_copy.cli", "federated LoRA text-copy experiment"),
     "heterogeneity": ("clair_jax.studies.heterogeneity_study",
                       "refine vs projection, pooled mean and global rules across heterogeneity"),
+    "aggregate": ("clair_jax.aggregate_cli", "CLAIR over K clients' PEFT adapter directories"),
 }
 
 

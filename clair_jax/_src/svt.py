@@ -1,4 +1,4 @@
-"""Singular value thresholding kernels: exact (SVD or Gram ``eigh``) and warm-started.
+r"""Singular value thresholding kernels: exact (SVD or Gram ``eigh``) and warm-started.
 
 .. math::
   \operatorname{SVT}_t(X) = \arg\min_Z \tfrac12 \|Z - X\|_F^2 + t \|Z\|_*

@@ -37,7 +37,9 @@ contaminated iff ``z_k > 1`` (beyond a typical module threshold) or
 deviation of ``z`` over the clients not yet flagged, iterated from all clients until the
 flagged set is stable (a concentration step; valid while fewer than half are
 contaminated). Every module is then refined with the jointly benign clients, so that all
-modules refine with the same client set.
+modules refine with the same client set. The rule is the core's
+(:func:`clair_jax._src.joint.joint_verdict`, which :func:`clair_jax.aggregate_adapters` uses
+on PEFT adapters).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ import clair_jax
 from clair_jax import baselines
 from clair_jax import refine_updates
 from clair_jax import refined_factors
+from clair_jax._src.joint import JointVerdict as Verdict  # noqa: F401  (the experiment's name)
+from clair_jax._src.joint import joint_verdict
+from clair_jax._src.joint import robust_cut  # noqa: F401  (re-exported for the study's users)
 
 Path = tuple
 
@@ -122,76 +127,6 @@ def poison_adapters(
     b = jnp.where(nan[:, None, None], jnp.nan, b)
     node["lora_a"], node["lora_b"] = a, b
   return lora
-
-
-class Verdict(NamedTuple):
-  """Joint contamination verdict across modules.
-
-  Attributes:
-    contaminated: ``(K,)`` bool.
-    joint_scores: ``(K,)`` geometric mean over modules of ``scores / threshold``.
-    cut: the final cut on ``joint_scores`` (``contaminated == joint_scores > cut``).
-    module_scores: ``(J, K)`` per-module CLAIR scores.
-    module_thresholds: ``(J,)`` per-module thresholds.
-    module_flags: ``(J, K)`` bool, per-module verdicts.
-  """
-
-  contaminated: np.ndarray
-  joint_scores: np.ndarray
-  cut: float
-  module_scores: np.ndarray
-  module_thresholds: np.ndarray
-  module_flags: np.ndarray
-
-
-def robust_cut(joint: np.ndarray, *, mad_multiplier: float = 3.0, max_iters: int = 20) -> float:
-  """Iterated robust outlier cut ``min(1, med + c * 1.4826 * MAD)`` over unflagged clients.
-
-  Args:
-    joint: ``(K,)`` joint scores (``+inf`` allowed).
-    mad_multiplier: ``c``.
-    max_iters: cap on the concentration iterations.
-
-  Returns:
-    the cut (a float).
-  """
-  keep = np.isfinite(joint)
-  cut = 1.0
-  for _ in range(max_iters):
-    values = joint[keep]
-    med = np.median(values)
-    mad = 1.4826 * np.median(np.abs(values - med))
-    cut = min(1.0, med + mad_multiplier * mad)
-    new_keep = np.isfinite(joint) & (joint <= cut)
-    if new_keep.sum() < 2 or np.array_equal(new_keep, keep):
-      break
-    keep = new_keep
-  return float(cut)
-
-
-def joint_verdict(scores: np.ndarray, thresholds: np.ndarray) -> Verdict:
-  """One verdict per client from per-module scores (rule in the module docstring).
-
-  Args:
-    scores: ``(J, K)`` per-module scores (``+inf`` / NaN allowed: treated as ``+inf``).
-    thresholds: ``(J,)`` per-module thresholds (positive).
-
-  Returns:
-    ``Verdict``.
-  """
-  scores = np.asarray(scores, dtype=np.float64)
-  thresholds = np.asarray(thresholds, dtype=np.float64)
-  if scores.ndim != 2 or thresholds.shape != scores.shape[:1]:
-    raise ValueError(
-        f"joint_verdict expects scores (J, K) and thresholds (J,), got {scores.shape} "
-        f"and {thresholds.shape}")
-  if np.any(thresholds <= 0):
-    raise ValueError(f"thresholds must be positive, got {thresholds}")
-  scores = np.where(np.isnan(scores), np.inf, scores)
-  normalised = np.maximum(scores / thresholds[:, None], 1e-12)
-  joint = np.exp(np.mean(np.log(normalised), axis=0))
-  cut = robust_cut(joint)
-  return Verdict(joint > cut, joint, cut, scores, thresholds, scores > thresholds[:, None])
 
 
 def orient(delta_w: jax.Array, side: str) -> jax.Array:
