@@ -149,7 +149,7 @@ def step_vs_gemm(num_clients, m, n, repeats):
   state = jax.block_until_ready(state)
   gemm_blocks = jax.jit(lambda a: jnp.einsum("kmn,kpn->mp", a, a))
   gemm_columns = jax.jit(subspace.gram_of)
-  solve = jax.jit(lambda a, l, s: solver.solve_decomposition(a, l, s))
+  solve = jax.jit(lambda a, lam_l, lam_s: solver.solve_decomposition(a, lam_l, lam_s))
   steps = int(solve(x, lam_l, lam_s).num_steps)
   rows = []
   for _ in range(3):   # interleaved, side by side
@@ -226,7 +226,7 @@ def scaling(sizes, fixed, repeats):
   for num_clients, m, n in sizes:
     updates, _, bad = make_dense(num_clients, m, n)
     x = jnp.asarray(updates)
-    first, steady, result = timed(lambda: clair_jax.clair(x, 4), repeats)
+    first, steady, result = timed(lambda x=x: clair_jax.clair(x, 4), repeats)
     rows.append({"K": num_clients, "m": m, "n": n, "compile_s": first - steady,
                  "steady_s": steady, "exact": bool(np.array_equal(
                      np.asarray(result.contaminated), bad)), "vary": fixed})
@@ -241,7 +241,7 @@ def factored_subprocess(m, n, num_clients, q, timeout_s):
   except subprocess.TimeoutExpired:
     return {"m": m, "n": n, "K": num_clients, "q": q,
             "error": f"did not finish within {timeout_s} s"}
-  lines = [l for l in run.stdout.splitlines() if l.startswith("{")]
+  lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
   if not lines:
     return {"m": m, "n": n, "K": num_clients, "q": q, "error": run.stderr[-300:]}
   saved_path(num_clients).write_text(lines[-1])

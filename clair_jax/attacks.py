@@ -40,7 +40,8 @@ import functools
 import math
 import numbers
 from statistics import NormalDist
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

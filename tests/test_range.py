@@ -1,5 +1,6 @@
 """Input range, option validation and result summaries at the boundary of :func:`clair`."""
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -24,6 +25,9 @@ def test_verdicts_do_not_depend_on_the_input_scale(reference, scale):
   scaled = (PROBLEM.updates.astype(np.float64) * scale).astype(np.float32)
   result = clair_jax.clair(scaled, 3)
   assert result.status_name == "successful"
+  chex.assert_shape(result.refined, PROBLEM.updates.shape)
+  chex.assert_shape(result.subspace, (PROBLEM.updates.shape[1], 3))
+  chex.assert_tree_all_finite((result.refined, result.scores[reference.benign]))
   np.testing.assert_array_equal(result.contaminated, reference.contaminated)
   np.testing.assert_allclose(float(result.noise_level) / scale, float(reference.noise_level),
                              rtol=1e-3)

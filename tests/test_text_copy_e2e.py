@@ -131,7 +131,8 @@ def test_checkpoints_reproduce_report(tiny_run):
   stacked = jax.tree.map(jnp.asarray, lora_pure)
   state = jax.tree.map(lambda x: jnp.zeros((len(benign),) + x.shape, x.dtype), lora0)
   state = ckpt.restore_into(state, stacked)
-  local = jax.vmap(lambda l, s: trainer_lib.copy_metrics(graphdef, l, params, s))(state, test)
+  local = jax.vmap(lambda lora, s: trainer_lib.copy_metrics(graphdef, lora, params, s))(
+      state, test)
   # LoRA path x W + x A B vs merged x (W + A B): equal up to rounding (one token at most).
   one_token = 1.0 / (config.federation.num_test * config.task.seq_len)
   np.testing.assert_allclose(np.asarray(local["token_acc"])[benign],

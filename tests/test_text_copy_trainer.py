@@ -35,10 +35,10 @@ def test_vmapped_step_equals_per_client_loop():
 
   single = jax.jit(trainer_lib.client_step(graphdef, tx))  # the plain one-client step
   for k in range(seqs.shape[0]):
-    lora_k = jax.tree.map(lambda x: x[k], lora)
+    lora_k = jax.tree.map(lambda x, k=k: x[k], lora)
     ref_lora, _, ref_loss = single(lora_k, tx.init(lora_k), params, seqs[k])
     np.testing.assert_allclose(losses[k], ref_loss, rtol=1e-5)
-    for got, want in zip(jax.tree.leaves(jax.tree.map(lambda x: x[k], new_lora)),
+    for got, want in zip(jax.tree.leaves(jax.tree.map(lambda x, k=k: x[k], new_lora)),
                          jax.tree.leaves(ref_lora)):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   # The step moved the adapters, and clients moved differently (their data differ).
@@ -51,13 +51,13 @@ def test_vmapped_step_equals_per_client_loop():
 
 def test_local_train_trains_only_adapters_and_lowers_loss():
   graphdef, params, lora, seqs = _setup()
-  before = jax.vmap(lambda l, s: trainer_lib.copy_loss(graphdef, l, params, s))(lora, seqs)
+  before = jax.vmap(lambda lora_k, s: trainer_lib.copy_loss(graphdef, lora_k, params, s))(lora, seqs)
   params_before = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
   trained, losses = trainer_lib.local_train(
       graphdef, params, lora, seqs, config=trainer_lib.LocalConfig(steps=30, chunk=10),
       progress=False)
   assert losses.shape == (30, seqs.shape[0])
-  after = jax.vmap(lambda l, s: trainer_lib.copy_loss(graphdef, l, params, s))(trained, seqs)
+  after = jax.vmap(lambda lora_k, s: trainer_lib.copy_loss(graphdef, lora_k, params, s))(trained, seqs)
   assert np.all(np.asarray(after) < np.asarray(before))
   jax.tree.map(np.testing.assert_array_equal, params_before, nnx.to_pure_dict(params))
 

@@ -86,7 +86,7 @@ class FactoredUpdates(NamedTuple):
     """Materialises the ``(K, m, n)`` stack (for tests and small problems only)."""
     return jnp.einsum("kmq,kqn->kmn", self.left, self.right)
 
-  def transpose(self) -> "FactoredUpdates":
+  def transpose(self) -> FactoredUpdates:
     """``update_k^T = right[k]^T left[k]^T``: swaps the roles of ``m`` and ``n``."""
     return FactoredUpdates(jnp.swapaxes(self.right, 1, 2), jnp.swapaxes(self.left, 1, 2))
 

@@ -262,7 +262,7 @@ def detect_modules(left, right, client_weights, rank: int, opts: estimator.Clair
   Returns:
     :class:`ModuleDetection` with a leading ``J`` axis.
   """
-  one = lambda l, r: detect_module(l, r, client_weights, rank, opts)
+  one = lambda left_j, right_j: detect_module(left_j, right_j, client_weights, rank, opts)
   return over_modules(one, batching)(left, right)
 
 
@@ -373,7 +373,7 @@ def refine_modules(left, right, benign, rank: int, opts: estimator.ClairOptions,
   Returns:
     :class:`ModuleRefinement` with a leading ``J`` axis.
   """
-  one = lambda l, r: refine_module(l, r, benign, rank, opts)
+  one = lambda left_j, right_j: refine_module(left_j, right_j, benign, rank, opts)
   return over_modules(one, batching)(left, right)
 
 

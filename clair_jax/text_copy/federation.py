@@ -56,7 +56,7 @@ import clair_jax
 from clair_jax import baselines
 from clair_jax import refine_updates
 from clair_jax import refined_factors
-from clair_jax._src.joint import JointVerdict as Verdict  # noqa: F401  (the experiment's name)
+from clair_jax._src.joint import JointVerdict as Verdict
 from clair_jax._src.joint import joint_verdict
 from clair_jax._src.joint import robust_cut  # noqa: F401  (re-exported for the study's users)
 

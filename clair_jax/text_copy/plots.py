@@ -7,8 +7,8 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 KIND_COLORS = {"benign": "tab:green", "random_targets": "tab:orange", "permutation": "tab:red",
                "reversed": "tab:purple", "scaled_random": "tab:brown", "nan": "black"}

@@ -9,7 +9,8 @@ step trains all ``K`` clients, no Python loop over clients.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
