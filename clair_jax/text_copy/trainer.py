@@ -103,6 +103,36 @@ def _progress(total: int, desc: str, enabled: bool):
   return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
+def train_in_chunks(step, state, key: jax.Array, *, steps: int, chunk: int, desc: str,
+                    progress: bool = True):
+  """Runs ``state, loss = step(state, key)`` for ``steps`` steps, ``chunk`` per compiled call.
+
+  One jitted ``lax.scan`` over ``chunk`` steps serves pre-training and local training (the
+  progress bar advances per chunk; a shorter last chunk compiles once more). Each chunk
+  splits a fresh key from ``key`` and one key per step from it.
+
+  Returns:
+    ``(state, losses)``: the final state and the stacked per-step losses (numpy,
+    ``(steps, ...)``).
+  """
+  @functools.partial(jax.jit, static_argnums=2)
+  def run_chunk(state, key, num):
+    return jax.lax.scan(step, state, jax.random.split(key, num))
+
+  losses = []
+  with _progress(steps, desc, progress) as bar:
+    done = 0
+    while done < steps:
+      num = min(chunk, steps - done)
+      key, sub = jax.random.split(key)
+      state, chunk_losses = run_chunk(state, sub, num)
+      losses.append(np.asarray(chunk_losses))
+      done += num
+      bar.update(num)
+      bar.set_postfix(loss=f"{float(np.nanmean(chunk_losses[-1])):.3f}")
+  return state, np.concatenate(losses)
+
+
 def pretrain(
     graphdef, lora, params, *, sample_batch: Callable[[jax.Array, int], jax.Array],
     config: PretrainConfig, key: jax.Array, progress: bool = True,
@@ -124,29 +154,17 @@ def pretrain(
   tx = optax.adamw(schedule, weight_decay=1e-4)
   opt_state = tx.init(params)
 
-  @functools.partial(jax.jit, static_argnums=3)
-  def run_chunk(params, opt_state, key, num):
-    def step(carry, key):
-      params, opt_state = carry
-      loss, grads = jax.value_and_grad(
-          lambda p: copy_loss(graphdef, lora, p, sample_batch(key, config.batch_size)))(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), jax.random.split(key, num))
-    return params, opt_state, losses
+  def step(carry, key):
+    params, opt_state = carry
+    loss, grads = jax.value_and_grad(
+        lambda p: copy_loss(graphdef, lora, p, sample_batch(key, config.batch_size)))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
 
-  losses = []
-  with _progress(config.steps, "pre-training", progress) as bar:
-    done = 0
-    while done < config.steps:
-      num = min(config.chunk, config.steps - done)
-      key, sub = jax.random.split(key)
-      params, opt_state, chunk_losses = run_chunk(params, opt_state, sub, num)
-      losses.append(np.asarray(chunk_losses))
-      done += num
-      bar.update(num)
-      bar.set_postfix(loss=f"{float(chunk_losses[-1]):.3f}")
-  return params, np.concatenate(losses)
+  (params, _), losses = train_in_chunks(step, (params, opt_state), key, steps=config.steps,
+                                        chunk=config.chunk, desc="pre-training",
+                                        progress=progress)
+  return params, losses
 
 
 def init_client_adapters(config: model_lib.ModelConfig, key: jax.Array, num_clients: int):
@@ -219,27 +237,15 @@ def local_train(
     idx = jax.random.randint(key, (num_clients, config.batch_size), 0, num_seqs)
     return jnp.take_along_axis(seqs, idx[:, :, None], axis=1)
 
-  @functools.partial(jax.jit, static_argnums=3)
-  def run_chunk(lora, opt_state, key, num):
-    def body(carry, key):
-      lora, opt_state = carry
-      lora, opt_state, loss = step(lora, opt_state, params, batch(key))
-      return (lora, opt_state), loss
-    (lora, opt_state), losses = jax.lax.scan(body, (lora, opt_state), jax.random.split(key, num))
-    return lora, opt_state, losses
+  def body(carry, key):
+    lora, opt_state = carry
+    lora, opt_state, loss = step(lora, opt_state, params, batch(key))
+    return (lora, opt_state), loss
 
-  losses = []
-  with _progress(config.steps, "local LoRA (all clients)", progress) as bar:
-    done = 0
-    while done < config.steps:
-      num = min(config.chunk, config.steps - done)
-      key, sub = jax.random.split(key)
-      lora, opt_state, chunk_losses = run_chunk(lora, opt_state, sub, num)
-      losses.append(np.asarray(chunk_losses))
-      done += num
-      bar.update(num)
-      bar.set_postfix(loss=f"{float(np.nanmean(chunk_losses[-1])):.3f}")
-  return lora, np.concatenate(losses)
+  (lora, _), losses = train_in_chunks(body, (lora, opt_state), key, steps=config.steps,
+                                      chunk=config.chunk, desc="local LoRA (all clients)",
+                                      progress=progress)
+  return lora, losses
 
 
 def sample_base_batch(num_base: int, seq_len: int) -> Callable[[jax.Array, int], jax.Array]:
