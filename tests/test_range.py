@@ -108,3 +108,19 @@ def test_options_object_and_keywords_agree(reference):
   np.testing.assert_array_equal(back.contaminated, reference.contaminated)
   with pytest.raises(TypeError, match="ClairOptions"):
     clair_jax.clair(PROBLEM.updates, 3, options={"tol": 1e-3})
+
+
+def test_estimate_rank_honours_the_callers_options(monkeypatch):
+  from clair_jax._src import estimator
+  seen = []
+  original = estimator._robust_split
+
+  def spy(x_n, active, rank, opts):
+    seen.append(opts)
+    return original(x_n, active, rank, opts)
+
+  monkeypatch.setattr(estimator, "_robust_split", spy)
+  # (max_trim_steps is static, so this value traces afresh and the spy sees the options)
+  rank = clair_jax.estimate_rank(PROBLEM.updates, options=clair_jax.ClairOptions(max_trim_steps=7))
+  assert rank == 3
+  assert seen and all(o.max_trim_steps == 7 for o in seen)

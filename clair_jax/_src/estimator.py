@@ -308,7 +308,7 @@ def clair_dense(updates, rank: int | None = None, *, client_weights=None,
     if traced:
       raise ValueError("rank=None chooses the rank from data and needs concrete updates; "
                        "pass an int rank inside jit/vmap.")
-    rank = estimate_rank(updates)
+    rank = estimate_rank(updates, options=opts)
   rank = validate.check_rank(rank, updates.shape)
   num_clients = updates.shape[0]
   client_weights = validate.check_client_weights(client_weights, num_clients, updates.dtype)
@@ -570,7 +570,8 @@ def _eigengap_rank(singular_values: np.ndarray, max_rank: int) -> int:
   return int(np.argmax(ratios)) + 1
 
 
-def estimate_rank(updates, max_rank: int | None = None) -> int:
+def estimate_rank(updates, max_rank: int | None = None, *,
+                  options: ClairOptions | None = None) -> int:
   """Chooses the shared rank from data by the eigen-gap, robustly to contamination.
 
   1. Each finite client proposes the eigen-gap rank of its own block; ``r_0`` is the
@@ -582,6 +583,9 @@ def estimate_rank(updates, max_rank: int | None = None) -> int:
   Args:
     updates: ``(K, m, n)`` concrete array.
     max_rank: largest rank considered (default ``min(m, K n) // 2``, at least 1).
+    options: the caller's :class:`ClairOptions` (the trimming in step 2 uses its
+      ``threshold_ratio``, ``mad_multiplier``, ``scale_floor``, ``max_trim_steps`` and
+      ``num_candidates``); default all defaults.
 
   Returns:
     ``int`` rank.
@@ -597,10 +601,14 @@ def estimate_rank(updates, max_rank: int | None = None) -> int:
   proposals = [_eigengap_rank(s, min(max_rank, min(m, n) - 1)) for s in own_spectra]
   first_rank = int(np.median(proposals)) if proposals else 1
   first_rank = validate.check_rank(max(1, first_rank), updates.shape)
-  split = _robust_split_jit(x_n, active, first_rank, ClairOptions())
+  static, values = split_options(options or ClairOptions())
+  split = _robust_split_jit(x_n, active, values, first_rank, static)
   benign = np.asarray(split.benign)
   stacked = stack_clients(jnp.asarray(np.asarray(x_n)[benign]))
   return _eigengap_rank(np.asarray(jnp.linalg.svd(stacked, compute_uv=False)), max_rank)
 
 
-_robust_split_jit = jax.jit(_robust_split, static_argnames=("rank", "opts"))
+_robust_split_jit = jax.jit(
+    lambda x_n, active, values, rank, static: _robust_split(
+        x_n, active, rank, merge_options(static, values)),
+    static_argnames=("rank", "static"))

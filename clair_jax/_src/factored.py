@@ -307,7 +307,8 @@ def clair_factored(factored: FactoredUpdates, rank: int | None = None, *,
                        "pass an int rank inside jit/vmap.")
     # Singular values of each D_k and of the stack are those of Z_k and of [Z_k].
     blocks = _reduce_jit(factored).blocks
-    rank = estimator.estimate_rank(blocks, max_rank=max(1, min(m, num_clients * n) // 2))
+    rank = estimator.estimate_rank(blocks, max_rank=max(1, min(m, num_clients * n) // 2),
+                                   options=opts)
     rank = min(rank, limit)
   result = _clair_factored_jit(factored, client_weights, rank, opts, dense_weights)
   if opts.side == "right":
