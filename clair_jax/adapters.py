@@ -12,7 +12,7 @@ right ``A``; the shared subspace on the ``out`` side), and
    size);
 2. takes one joint verdict per client from the ``(J, K)`` scores
    (:func:`joint_verdict`: geometric mean of score / threshold over modules, then an
-   iterated ``median + 3 * 1.4826 * MAD`` cut capped at 1);
+   one-step ``median + 3 * 1.4826 * MAD`` cut over all finite clients, capped at 1);
 3. refines every module with the jointly benign set, the same clients for all modules
    (the core's refine: partial pooling ``U (C_bar + s (C_k - C_bar))`` by default, or the
    projection; see :mod:`clair_jax._src.joint`).

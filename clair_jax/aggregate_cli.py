@@ -148,7 +148,7 @@ def build_report(result, args, directories: dict, timings: dict) -> dict:
                         "rank_pattern": result.config["rank_pattern"], "scaling": 1.0},
       "score_rule": "per module: CLAIR score / threshold; joint: geometric mean over modules, "
                     "contaminated when above the joint cut (median + 3 * 1.4826 * MAD over the "
-                    "unflagged clients, iterated, capped at 1); null = non-finite",
+                    "finite clients, capped at 1); null = non-finite",
       "noise_level": "per module, std per reduced degree of freedom (clair_factored)",
       "inputs": {name: _inputs(d) for name, d in directories.items()},
       "versions": _versions(),

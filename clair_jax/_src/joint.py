@@ -21,9 +21,13 @@ non-finite). Averaging ``J`` noisy per-module statistics shrinks the benign spre
 cut is then set on ``z`` by the same robust logic CLAIR uses per module: client ``k`` is
 contaminated iff ``z_k > 1`` (beyond a typical module threshold) or
 ``z_k > med + 3 * 1.4826 * MAD``, with ``med`` and ``MAD`` the median and median absolute
-deviation of ``z`` over the clients not yet flagged, iterated from all clients until the
-flagged set is stable (a concentration step; valid while fewer than half are
-contaminated). Every module is then refined with the jointly benign clients, so that all
+deviation of ``z`` over all finite clients (breakdown 1/2: valid while fewer than half are
+contaminated). One step, not iterated: re-estimating the MAD on the clients below the
+last cut measures a sample truncated at that cut, whose spread is biased low, so the
+iteration peels off the benign tail step by step (with heavy-tailed benign scores,
+lognormal in a simulation of 5-20 benign clients and 2 attackers, 15-20% of rounds
+flagged a benign client, against 0.6% for the one step; on the text-copy study it flagged
+the benign clients whose data were rarest, 2 of 105 on ``copy`` at the ``cpu`` size). Every module is then refined with the jointly benign clients, so that all
 modules refine with the same client set.
 
 Refinement with a given benign set ``B`` (the core's refine, in coordinates shared by every
@@ -92,39 +96,31 @@ class JointVerdict(NamedTuple):
   module_flags: np.ndarray
 
 
-def robust_cut(joint, *, mad_multiplier: float = MAD_MULTIPLIER, max_iters: int = 20) -> float:
-  r"""Iterated robust outlier cut over the clients not yet flagged.
+def robust_cut(joint, *, mad_multiplier: float = MAD_MULTIPLIER) -> float:
+  r"""Robust outlier cut on the joint scores, in one step (see the module docstring).
 
   .. math::
-    c = \min\big(1,\ \operatorname{med}(z_U) + c_{\mathrm{MAD}} \cdot 1.4826\,
-        \operatorname{MAD}(z_U)\big),\qquad U \leftarrow \{k : z_k \le c\},
+    c = \min\big(1,\ \operatorname{med}(z) + c_{\mathrm{MAD}} \cdot 1.4826\,
+        \operatorname{MAD}(z)\big)
 
-  started from every finite client and repeated until ``U`` is stable (a concentration
-  step: a minority of outliers widens the first MAD, dropping them tightens it).
+  over the finite scores (breakdown 1/2). Not iterated on the clients below the cut: that
+  sample is truncated at the cut, its MAD is biased low, and the iteration flags the
+  benign tail.
 
   Args:
-    joint: ``(K,)`` joint scores (``+inf`` allowed, never counted in ``U``).
+    joint: ``(K,)`` joint scores (``+inf`` allowed, never counted in the statistics).
     mad_multiplier: ``c_MAD`` (default 3).
-    max_iters: cap on the concentration iterations.
 
   Returns:
-    The cut, a float ``<= 1`` (``1`` when fewer than one finite score).
+    The cut, a float ``<= 1`` (``1`` when no score is finite).
   """
   joint = np.asarray(joint, np.float64)
-  keep = np.isfinite(joint)
-  cut = 1.0
-  for _ in range(max_iters):
-    if not keep.any():
-      break
-    values = joint[keep]
-    med = np.median(values)
-    mad = MAD_TO_STD * np.median(np.abs(values - med))
-    cut = min(1.0, float(med + mad_multiplier * mad))
-    new_keep = np.isfinite(joint) & (joint <= cut)
-    if new_keep.sum() < 2 or np.array_equal(new_keep, keep):
-      break
-    keep = new_keep
-  return float(cut)
+  values = joint[np.isfinite(joint)]
+  if values.size == 0:
+    return 1.0
+  med = np.median(values)
+  mad = MAD_TO_STD * np.median(np.abs(values - med))
+  return float(min(1.0, med + mad_multiplier * mad))
 
 
 def joint_verdict(scores, thresholds, *, mad_multiplier: float = MAD_MULTIPLIER) -> JointVerdict:
