@@ -3,9 +3,12 @@
 import argparse
 import json
 
+import pytest
+
 from clair_jax.studies import heterogeneity_study
 
 
+@pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path, capsys):
   out = tmp_path / "heterogeneity"
   status = heterogeneity_study.main(["--quick", "--out", str(out), "--no-progress"])

@@ -33,6 +33,7 @@ def test_notebook_is_stored_without_outputs(name):
   assert '"google.colab" in sys.modules' in install  # installs only on Colab
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_notebook_executes_at_small_size(name, monkeypatch, tmp_path):
   monkeypatch.setenv("CLAIR_NOTEBOOK_SMALL", "1")

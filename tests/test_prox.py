@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-enable_x64 = lambda: jax.enable_x64(True)
 
 import clair_jax
+
+enable_x64 = lambda: jax.enable_x64(True)
 
 
 def numpy_svt(x, t):
@@ -69,7 +70,7 @@ def test_zero_block_and_zero_singular_values_are_safe():
     assert bool(jnp.all(jnp.isfinite(out)))
     grad = jax.grad(lambda x: jnp.sum(clair_jax.prox_nuclear(x, 0.5) ** 2))(x)
     assert bool(jnp.all(jnp.isfinite(grad)))
-    grad_t = jax.grad(lambda t: jnp.sum(clair_jax.prox_nuclear(x, t)))(0.5)
+    grad_t = jax.grad(lambda t, x=x: jnp.sum(clair_jax.prox_nuclear(x, t)))(0.5)
     assert bool(jnp.isfinite(grad_t))
   np.testing.assert_array_equal(clair_jax.prox_nuclear(zero, 0.5), 0.0)
   np.testing.assert_array_equal(clair_jax.prox_nuclear_gram(zero, 0.5), 0.0)

@@ -13,6 +13,7 @@ import pytest
 import clair_jax
 from clair_jax import baselines, metrics, synthetic
 from clair_jax._src import detect
+from problems import make_problem
 
 K, M, N, R = 40, 64, 16, 4
 
@@ -101,7 +102,8 @@ def test_sampling_floors_follow_the_degrees_of_freedom():
   assert 1.05 < residual < structure < 1.2
   small = detect.sampling_floors(16, 4, 2)
   assert 1.4 < small[0] < small[1]
-  # a user's threshold_ratio replaces both floors
-  p, x, bad = _problem(4, 0.2)
-  result = clair_jax.clair(jnp.asarray(x, jnp.float32), R, threshold_ratio=50.0, mad_multiplier=0.0)
+  # a user's threshold_ratio replaces both floors (on the default 20 x 48 x 12, rank 3
+  # problem of tests/problems.py with these options: the program test_estimator compiles)
+  problem = make_problem(fraction=0.2, noise=0.05, rank=3, seed=4)
+  result = clair_jax.clair(problem.updates, 3, threshold_ratio=50.0, mad_multiplier=0.0)
   np.testing.assert_allclose(result.thresholds, [50.0, 50.0], rtol=1e-6)

@@ -188,9 +188,10 @@ def test_subspace_solver_matches_svd_solver(wide):
 
 def test_status_codes(noisy):
   problem, lam_low_rank, lam_sparse = noisy
-  capped = clair_jax.solve_decomposition(problem.updates, lam_low_rank, lam_sparse, max_steps=3)
+  # max_steps is static: 7, as in test_manual_steps_equal_solve (one compile for both)
+  capped = clair_jax.solve_decomposition(problem.updates, lam_low_rank, lam_sparse, max_steps=7)
   assert int(capped.status) == solver.MAX_STEPS_REACHED
-  assert int(capped.num_steps) == 3
+  assert int(capped.num_steps) == 7
   poisoned = np.array(problem.updates)
   poisoned[0, 0, 0] = np.nan
   bad = clair_jax.solve_decomposition(poisoned, lam_low_rank, lam_sparse)

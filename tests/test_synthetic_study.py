@@ -16,6 +16,7 @@ EXPECTED_METHODS = {
 PLOTS = ("benign_error_vs_contamination.png", "detection_phase_diagram.png", "client_scores.png")
 
 
+@pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path, capsys):
   """One CLI run (the expensive part) checked three ways; one test so xdist runs it once."""
   status, out, readme = _quick_run(tmp_path)
@@ -116,8 +117,13 @@ def test_regression_setting_runs_through_the_grid():
   assert cell["methods"]["oracle"]["exact"] == 1.0
 
 
+@pytest.mark.slow
 def test_attacks_grid_end_to_end(tmp_path, capsys):
-  """A tiny `--grid attacks` run: report, table, plot and the README block (< 30 s)."""
+  """A tiny `--grid attacks` run: report, table, plot and the README block (< 30 s).
+
+  At the quick synthetic grid's 12 x 16 x 4, rank 2 (``--shapes``): CLAIR's program is
+  the one the quick run above compiles.
+  """
   from clair_jax.studies import attacks_study
 
   out = tmp_path / "attacks"
@@ -128,12 +134,13 @@ def test_attacks_grid_end_to_end(tmp_path, capsys):
   )
   status = cli.main([
       "synthetic", "--grid", "attacks", "--quick", "--attacks", "alie", "adaptive_tilt",
-      "--out", str(out), "--readme", str(readme), "--no-progress",
+      "--shapes", "12x16x4x2", "--out", str(out), "--readme", str(readme), "--no-progress",
   ])
   assert status == 0
   report = json.loads((out / "report.json").read_text())
   assert set(report["attacks"]) == {"alie", "adaptive_tilt", "all"}
   assert len(report["trials"]) == 2 and len(report["cells"]) == 2
+  assert all(t["shape"] == [12, 16, 4, 2] for t in report["trials"])
   trial = report["trials"][0]
   peers = attacks_study.available_peers()
   references = {"oracle"} | ({"clair_given_benign"}
