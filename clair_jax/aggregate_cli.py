@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -90,22 +89,6 @@ def _client_names(directories) -> list[str]:
   return [os.path.basename(os.path.normpath(d)) for d in directories]
 
 
-def json_safe(value):
-  """Strict-JSON copy: NumPy scalars to Python, non-finite floats to ``None``."""
-  if isinstance(value, dict):
-    return {str(k): json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple, np.ndarray)):
-    return [json_safe(v) for v in value]
-  if isinstance(value, (bool, np.bool_)):
-    return bool(value)
-  if isinstance(value, (int, np.integer)):
-    return int(value)
-  if isinstance(value, (float, np.floating)):
-    value = float(value)
-    return value if math.isfinite(value) else None
-  return value
-
-
 def _versions() -> dict:
   import importlib.metadata  # pylint: disable=g-import-not-at-top
 
@@ -127,7 +110,8 @@ def _inputs(directory: str) -> dict:
 
 
 def build_report(result, args, directories: dict, timings: dict) -> dict:
-  """The ``report.json`` dict (before :func:`json_safe`)."""
+  """The ``report.json`` dict (strict JSON once written by
+  :func:`clair_jax._src.reporting.write_json`)."""
   import jax  # pylint: disable=g-import-not-at-top
 
   return {
@@ -204,6 +188,7 @@ def plot_report(result, path: str) -> None:
 
 def write_outputs(result, folder: str, report: dict, plot: bool) -> None:
   """Every output file under ``folder`` (the temporary directory)."""
+  from clair_jax._src import reporting  # pylint: disable=import-outside-toplevel
   from clair_jax import adapters  # pylint: disable=g-import-not-at-top
 
   adapters.write_peft(os.path.join(folder, "consensus"),
@@ -211,9 +196,7 @@ def write_outputs(result, folder: str, report: dict, plot: bool) -> None:
   for name in result.names:
     adapters.write_peft(os.path.join(folder, "clients", name),
                         adapters.Adapter(result.refined[name], result.config))
-  with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(json_safe(report), f, indent=1, allow_nan=False)
-    f.write("\n")
+  reporting.write_json(os.path.join(folder, "report.json"), report)
   if plot:
     plot_report(result, os.path.join(folder, "report.png"))
 
