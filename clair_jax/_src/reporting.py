@@ -57,18 +57,6 @@ def replace_between_markers(path: str, text: str, begin: str, end_marker: str) -
     f.write(head + "\n" + text.rstrip("\n") + "\n" + content[end:])
 
 
-def read_between_markers(path: str, begin: str, end_marker: str) -> str:
-  """The text between the marker lines (what :func:`replace_between_markers` replaces)."""
-  with open(path, encoding="utf-8") as f:
-    content = f.read()
-  start = content.find(begin)
-  end = content.find(end_marker)
-  if start < 0 or end < 0 or end < start:
-    raise ValueError(
-        f"{path} must contain the lines {begin!r} and {end_marker!r} (in that order)")
-  return content[start + len(begin):end].strip("\n")
-
-
 def format_number(value) -> str:
   """Table cells: 3 significant figures at most (``n/a`` for missing, ``inf``)."""
   if value is None or (isinstance(value, float) and math.isnan(value)):

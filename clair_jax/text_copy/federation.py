@@ -25,25 +25,11 @@ pooled update (``Refinement.consensus``). Refined updates go back as LoRA adapte
 clients. Flagged clients get their refined adapter too (their updates never enter the
 statistics; see ``experiment``).
 
-Joint verdict (one per client, across ``J`` modules). Each module ``j`` gives CLAIR scores
-``s_jk`` and a threshold ``t_j`` (``contaminated_jk = s_jk > t_j``). A data attacker's
-update is only moderately off the benign subspace in each single module, but it is off in
-*most* modules, so the evidence is pooled: the joint score is the geometric mean of the
-normalised scores, ``z_k = exp(mean_j log(s_jk / t_j))`` (``+inf`` if any module is
-non-finite). Averaging ``J`` noisy per-module statistics shrinks the benign spread, and the
-cut is then set on ``z`` by the same robust logic CLAIR uses per module: client ``k`` is
-contaminated iff ``z_k > 1`` (beyond a typical module threshold) or
-``z_k > med + 3 * 1.4826 * MAD``, with ``med`` and ``MAD`` the median and median absolute
-deviation of ``z`` over all finite clients (breakdown 1/2: valid while fewer than half are
-contaminated). One step, not iterated: re-estimating the MAD on the clients below the
-last cut measures a sample truncated at that cut, whose spread is biased low, so the
-iteration peels off the benign tail step by step (with heavy-tailed benign scores,
-lognormal in a simulation of 5-20 benign clients and 2 attackers, 15-20% of rounds
-flagged a benign client, against 0.6% for the one step; on the text-copy study it flagged
-the benign clients whose data were rarest, 2 of 105 on ``copy`` at the ``cpu`` size). Every module is then refined with the jointly benign clients, so that all
-modules refine with the same client set. The rule is the core's
-(:func:`clair_jax._src.joint.joint_verdict`, which :func:`clair_jax.aggregate_adapters` uses
-on PEFT adapters).
+Joint verdict (one per client, across ``J`` modules): the core's rule,
+:func:`clair_jax._src.joint.joint_verdict` (geometric mean over modules of score /
+threshold, then one robust cut capped at 1; its docstring says why), which
+:func:`clair_jax.aggregate_adapters` uses on PEFT adapters too. Every module is then
+refined with the jointly benign clients, so that all modules refine with the same set.
 """
 
 from __future__ import annotations
