@@ -28,6 +28,9 @@ def test_quick_run_end_to_end(tmp_path, capsys):
   assert max(c["ratio"] for c in true_cells) <= heterogeneity_study.TARGET_RATIO
   assert (out / "heterogeneity_error.png").stat().st_size > 10_000
   assert (out / "table.md").read_text().startswith("| benign set |")
+  # the shared environment (reporting.environment), with the keys this report always had
+  assert {"jax", "backend", "python", "cpus", "machine", "device_kind"} <= set(
+      report["environment"])
 
 
 def test_bad_arguments_return_2(tmp_path, capsys):

@@ -1,14 +1,18 @@
 """What every study and CLI writes: strict JSON, README tables between markers, numbers.
 
 One writer of each kind, so that every ``report.json`` parses with any JSON reader (no
-``NaN`` / ``Infinity``: non-finite floats become ``null``) and every README table is
-replaced the same way (the lines between a begin and an end marker).
+``NaN`` / ``Infinity``: non-finite floats become ``null``), every README table is
+replaced the same way (the lines between a begin and an end marker) and every report
+describes where it ran with the same keys (:func:`environment`, :func:`runtime_text`).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
+import os
+import platform
 from typing import Any
 
 import numpy as np
@@ -88,3 +92,56 @@ def pyplot():
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   return plt
+
+
+def _version(package: str) -> str | None:
+  """The installed version of ``package`` (``None`` when it is not installed)."""
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def environment() -> dict:
+  """Where a run happened: package versions, the JAX backend and device, the host.
+
+  Every study stores this as its ``report.json``'s ``"environment"``, so the keys are the
+  same in every report. Keys: ``jax``, ``jaxlib``, ``numpy``, ``clair_jax`` (versions),
+  ``backend`` (``jax.default_backend()``), ``device_kind`` and ``device_count`` (the
+  default backend's devices), ``python``, ``machine`` (``platform.machine()``) and
+  ``cpus`` (``os.cpu_count()``).
+  """
+  # Imported here: the JSON and table writers above are used where JAX is not needed.
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from clair_jax import __version__  # pylint: disable=import-outside-toplevel
+
+  devices = jax.devices()
+  return {
+      "jax": jax.__version__,
+      "jaxlib": _version("jaxlib"),
+      "numpy": np.__version__,
+      "clair_jax": __version__,
+      "backend": jax.default_backend(),
+      "device_kind": devices[0].device_kind,
+      "device_count": len(devices),
+      "python": platform.python_version(),
+      "machine": platform.machine(),
+      "cpus": os.cpu_count(),
+  }
+
+
+def runtime_text(runtime_s: float, env: dict | None = None, *, host: bool = False) -> str:
+  """A table's runtime note: ``"84 s (cpu)"``, or with ``host``
+  ``"84 s on x86_64 (cpu, 16 cores)"``.
+
+  Args:
+    runtime_s: the run's wall time in seconds.
+    env: an :func:`environment` dict (computed when ``None``).
+    host: also name the machine and its CPU count.
+  """
+  env = environment() if env is None else env
+  if host:
+    return (f"{runtime_s:.0f} s on {env['machine']} ({env['backend']}, "
+            f"{env['cpus']} cores)")
+  return f"{runtime_s:.0f} s ({env['backend']})"

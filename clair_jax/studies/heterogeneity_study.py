@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from typing import NamedTuple
@@ -188,8 +187,13 @@ def _shape_text(shape) -> str:
   return f"K={k} m={m} n={n} r={r}"
 
 
-def markdown_table(cells: list[dict], config: StudyConfig, runtime: float) -> str:
-  """Ratio auto / best reference per cell (columns: heterogeneity), and the worst cell."""
+def markdown_table(cells: list[dict], config: StudyConfig, runtime: float,
+                   env: dict | None = None) -> str:
+  """Ratio auto / best reference per cell (columns: heterogeneity), and the worst cell.
+
+  ``env`` is the run's :func:`clair_jax._src.reporting.environment` (read when ``None``)
+  for the closing runtime note.
+  """
   hs = config.heterogeneities
   head = ("| benign set | shape | sigma | fraction | "
           + " | ".join(f"h={h:g}" for h in hs) + " |")
@@ -219,8 +223,7 @@ def markdown_table(cells: list[dict], config: StudyConfig, runtime: float) -> st
       f"{worst['best_reference']}). Worst single seed: {worst_seed['worst_seed_ratio']:.3f}.",
       f"Cells within {TARGET_RATIO}x: "
       f"{sum(c['ratio'] <= TARGET_RATIO for c in cells)}/{len(cells)}. "
-      f"Runtime {runtime:.0f} s on {platform.machine()} ({jax.default_backend()}, "
-      f"{os.cpu_count()} cores).",
+      f"Runtime {reporting.runtime_text(runtime, env, host=True)}.",
   ]
   return "\n".join(lines)
 
@@ -349,7 +352,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr) as progress:
     cells = run_grid(config, progress)
   runtime = time.perf_counter() - start
-  table = markdown_table(cells, config, runtime)
+  env = reporting.environment()
+  table = markdown_table(cells, config, runtime, env)
   plot_errors(cells, config, os.path.join(args.out, "heterogeneity_error.png"))
   report = {
       "cells": cells,
@@ -357,15 +361,13 @@ def run(args: argparse.Namespace) -> int:
       "target_ratio": TARGET_RATIO,
       "config": {**config._asdict(), "quick": bool(args.quick)},
       "runtime_s": runtime,
-      "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
-                      "python": platform.python_version(), "cpus": os.cpu_count()},
+      "environment": env,
   }
   reporting.write_json(os.path.join(args.out, "report.json"), report)
   with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")
   if args.readme:
-    from clair_jax.studies.synthetic_study import replace_between_markers
-    replace_between_markers(args.readme, table, TABLE_BEGIN, TABLE_END)
+    reporting.replace_between_markers(args.readme, table, TABLE_BEGIN, TABLE_END)
   print(table)
   return 0
 
