@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clair_jax._src import client_stack
 from clair_jax._src import detect
 from clair_jax._src import refine as refine_lib
 from clair_jax._src import solver
@@ -407,7 +408,7 @@ def _robust_split(x_n, active, rank, opts: ClairOptions):
 
 def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
                weight_shape: tuple[int, int] | None = None, *,
-               gather: bool = True, refine_blocks=None) -> ClairResult:
+               gather: bool = True, refine_clients=None) -> ClairResult:
   """The traced body of :func:`clair` (no validation; ``rank`` and ``opts`` static).
 
   ``weight_shape`` is the ``(m, n)`` used in the noise degrees of freedom ``(m - r) n``
@@ -473,17 +474,17 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
 
   benign = split.benign & active
   contaminated = ~benign
-  if refine_blocks is None:
+  if refine_clients is None:
     refinement = refine_stage(x_n, benign, clients.representative, split.subspace, opts,
                               data_scale)
+    pooled = refinement.refined * data_scale
   else:
-    # The factored path: the same clients in coordinates shared by every client on both
-    # sides (Q^T D_k P), where pooling is exact; `refined` is rebuilt by the caller.
-    refine_x = jnp.where(active[:, None, None], refine_blocks, 0.0) / data_scale
+    # The factored path: the same clients as factors in coordinates shared by every
+    # client on both sides (Q^T D_k P), where pooling is exact; `refined` is rebuilt by
+    # the caller from the factors.
+    refine_x = refine_clients.masked(active).scaled(1.0 / data_scale)
     refinement = refine_stage(refine_x, benign, clients.representative, split.subspace,
                               opts, data_scale)
-  pooled = refinement.refined * data_scale
-  if refine_blocks is not None:
     pooled = x_n * data_scale  # placeholder of the right shape; the caller replaces it
   if opts.contaminated_output == "project":
     projected = project_onto_subspace(x, split.subspace)
@@ -527,35 +528,40 @@ def refine_stage(x_n, benign, representative, subspace, opts: ClairOptions,
                  data_scale=1.0) -> refine_lib.Refinement:
   """Refine: partial pooling in a data-chosen subspace, or the paper's projection.
 
-  ``x_n`` are the (normalised) updates, ``benign`` the detected benign set and
+  ``x_n`` are the (normalised) updates (an array, or :mod:`client_stack`
+  ``DenseClients`` / ``FactoredClients``; factored clients get ``refined=None``, the
+  caller builds refined factors), ``benign`` the detected benign set and
   ``representative`` one client per near-duplicate group (the pooling statistics count
   each group once). With ``opts.refine == "projection"`` every benign client gets
   ``U U^T D_k`` with the detection subspace ``U``, and the consensus is ``U C_bar``.
   """
+  clients = client_stack.as_clients(x_n)
+  dtype = clients.dtype
   if opts.refine == "projection":
-    coefficients = jnp.einsum("mr,kmn->krn", subspace, x_n)
+    coefficients = clients.coefficients(subspace)
     voters = benign & representative
-    centre = refine_lib.huber_centre(coefficients, voters.astype(x_n.dtype))
+    centre = refine_lib.huber_centre(coefficients, voters.astype(dtype))
     rank = subspace.shape[1]
+    dense = isinstance(clients, client_stack.DenseClients)
     return refine_lib.Refinement(
         subspace=subspace, rank=jnp.asarray(rank, jnp.int32), centre=centre,
-        strength=jnp.ones((rank,), x_n.dtype),
-        refined=jnp.einsum("mr,krn->kmn", subspace, coefficients),
+        strength=jnp.ones((rank,), dtype),
+        refined=clients.project(subspace, coefficients) if dense else None,
         consensus=subspace @ centre, coefficients=coefficients, benign=benign,
-        noise_level=jnp.asarray(jnp.nan, x_n.dtype),
-        subspace_noise=jnp.asarray(jnp.nan, x_n.dtype),
-        singular_values=jnp.zeros((rank,), x_n.dtype), threshold=jnp.zeros((), x_n.dtype),
+        noise_level=jnp.asarray(jnp.nan, dtype),
+        subspace_noise=jnp.asarray(jnp.nan, dtype),
+        singular_values=jnp.zeros((rank,), dtype), threshold=jnp.zeros((), dtype),
         saturated=jnp.asarray(False))
-  num_clients, m, n = x_n.shape
+  num_clients, m, n = clients.shape
   max_rank = opts.refine_max_rank or refine_lib.default_max_rank(m, n, num_clients)
   max_rank = max(1, min(max_rank, m, num_clients * n))
   strength = (None if isinstance(opts.refine_strength, str)
-              else jnp.asarray(opts.refine_strength, x_n.dtype))
+              else jnp.asarray(opts.refine_strength, dtype))
   inside = (jnp.nan if opts.subspace_noise is None
-            else jnp.asarray(opts.subspace_noise, x_n.dtype) / data_scale)
+            else jnp.asarray(opts.subspace_noise, dtype) / data_scale)
   rank = None if opts.refine_rank is None else min(opts.refine_rank, max_rank)
-  return refine_lib._refine(x_n, benign, jnp.asarray(jnp.nan, x_n.dtype),  # pylint: disable=protected-access
-                            jnp.asarray(inside, x_n.dtype), rank, strength,
+  return refine_lib._refine(clients, benign, jnp.asarray(jnp.nan, dtype),  # pylint: disable=protected-access
+                            jnp.asarray(inside, dtype), rank, strength,
                             max_rank=max_rank, voters=representative)
 
 

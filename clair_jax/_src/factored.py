@@ -54,6 +54,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clair_jax._src import client_stack
 from clair_jax._src import estimator
 from clair_jax._src import validate
 
@@ -345,8 +346,9 @@ def clair_factored_core(factored: FactoredUpdates, client_weights, rank: int,
   data_dtype = jnp.result_type(factored.left.dtype, factored.right.dtype)
   reduction = reduce_factored(factored)
   # The refine pools clients, so it needs coordinates shared by all clients on the right
-  # side too: W_k = Q^T A_k B_k P with P an orthonormal basis of span(B_1^T, ..., B_K^T)
-  # (D_k = Q W_k P^T exactly; p x min(n, K q) per client, never m x n).
+  # side too: W_k = (Q^T A_k)(B_k P) with P an orthonormal basis of span(B_1^T, ..., B_K^T)
+  # (D_k = Q W_k P^T exactly; p x min(n, K q) per client), kept as factors: the refine
+  # never forms the W_k (client_stack.FactoredClients).
   compute = reduction.blocks.dtype
   left = jnp.where(reduction.active[:, None, None], factored.left.astype(compute), 0.0)
   right = jnp.where(reduction.active[:, None, None], factored.right.astype(compute), 0.0)
@@ -354,10 +356,10 @@ def clair_factored_core(factored: FactoredUpdates, client_weights, rank: int,
   left_reduced = left if reduction.basis is None else jnp.einsum("mp,kmq->kpq",
                                                                   reduction.basis, left)
   right_reduced = right if row_basis is None else jnp.einsum("kqn,ns->kqs", right, row_basis)
-  common = jnp.einsum("kpq,kqs->kps", left_reduced, right_reduced)
   core = estimator.clair_core(reduction.blocks, client_weights, rank, opts,
                               weight_shape=(m, n) if dense_weights else None,
-                              refine_blocks=common)
+                              refine_clients=client_stack.FactoredClients(left_reduced,
+                                                                          right_reduced))
   subspace = (core.subspace if reduction.basis is None
               else reduction.basis @ core.subspace)                 # (m, r)
   if opts.contaminated_output == "project":

@@ -59,11 +59,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clair_jax._src import client_stack
 from clair_jax._src import detect
 from clair_jax._src import estimator
 from clair_jax._src import factored
 from clair_jax._src import validate
-from clair_jax._src.prox import safe_norm
 
 # The robust cut on joint scores: median + MAD_MULTIPLIER * 1.4826 * MAD, capped at 1.
 MAD_MULTIPLIER = 3.0
@@ -292,11 +292,15 @@ class ModuleRefinement(NamedTuple):
   saturated: jax.Array
 
 
-def _benign_subspace(x, benign, rank: int):
-  """Top-``rank`` left singular vectors of the benign ``(K, p, n)`` stack (its Gram)."""
-  x_benign = jnp.where(benign[:, None, None], x, 0.0)
-  _, vectors = jnp.linalg.eigh(jnp.einsum("kmn,kpn->mp", x_benign, x_benign))
+def _benign_subspace(clients: client_stack.FactoredClients, benign, rank: int):
+  """Top-``rank`` left singular vectors of the benign clients' stack (its Gram)."""
+  _, vectors = jnp.linalg.eigh(clients.masked(benign).gram())
   return vectors[:, ::-1][:, :rank]
+
+
+def _largest(x):
+  largest = jnp.max(jnp.abs(x))
+  return jnp.where(largest > 0, largest, 1.0)
 
 
 def refine_module(left, right, benign, rank: int,
@@ -326,13 +330,17 @@ def refine_module(left, right, benign, rank: int,
   row = factored.column_basis(jnp.swapaxes(right, 1, 2))               # (n, n') or None
   left_reduced = left if column is None else jnp.einsum("mp,kmq->kpq", column, left)
   right_reduced = right if row is None else jnp.einsum("kqn,ns->kqs", right, row)
-  common = jnp.einsum("kpq,kqs->kps", left_reduced, right_reduced)      # (K, p, n')
-  norms = safe_norm(common, axis=(1, 2))
+  # (K, p, n') clients as factors, each factor first divided by its largest entry so that
+  # no squared norm over- or underflows, then by the median client norm.
+  left_scale, right_scale = _largest(left_reduced), _largest(right_reduced)
+  clients = client_stack.FactoredClients(left_reduced / left_scale, right_reduced / right_scale)
+  norms = jnp.sqrt(clients.sq_norms())
   everyone = jnp.ones((num_clients,), bool)
-  scale = detect.masked_median(norms, everyone)
-  scale = jnp.where(scale > 0, scale, jnp.max(norms))
-  scale = jnp.where(scale > 0, scale, 1.0)
-  x_n = common / scale
+  median = detect.masked_median(norms, everyone)
+  median = jnp.where(median > 0, median, jnp.max(norms))
+  median = jnp.where(median > 0, median, 1.0)
+  x_n = clients.scaled(1.0 / median)
+  scale = median * left_scale * right_scale
   projection_rank = min(rank, *x_n.shape[1:])
   if opts.refine == "projection":
     subspace = _benign_subspace(x_n, benign, projection_rank)

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clair_jax._src import client_stack
+
 # Robust z-score (Gaussian 0.999 quantile) above which a client's deviation norm is clipped
 # in the between-client scatter (Huber-type weights): benign clients are almost never
 # clipped, and a client's influence on the scatter is bounded.
@@ -163,8 +165,13 @@ def marchenko_pastur_median(beta):
 # --------------------------------------------------------------------------- robust pieces
 
 
-def geometric_median(points: jax.Array, weights: jax.Array, iters: int = MEDIAN_ITERS):
-  r"""Weighted geometric median of ``points`` ``(K, ...)`` (Weiszfeld, fixed iterations).
+def geometric_median_weights(distances_to, weights: jax.Array,
+                             iters: int = MEDIAN_ITERS) -> jax.Array:
+  r"""Weiszfeld's iteration for a weighted geometric median, as combination weights.
+
+  The median of points ``x_k`` is ``z = sum_k c_k x_k`` with the returned ``c`` (``c >= 0``,
+  ``sum c = 1``): every Weiszfeld step is such a combination, so only distances are needed
+  (``distances_to(c)`` gives ``||x_k - sum_j c_j x_j||``; a kernel serves factored points).
 
   .. math::
     \arg\min_z \sum_k w_k \|z - x_k\|_F
@@ -175,25 +182,59 @@ def geometric_median(points: jax.Array, weights: jax.Array, iters: int = MEDIAN_
   half the (weighted) points cannot move it arbitrarily far.
   """
   keep = weights > 0
-  flat = points.reshape(points.shape[0], -1)
   # Start at the weighted mean: a sum over clients (an all-reduce when they are sharded;
   # a coordinate-wise median would gather them). The problem is convex, so the start only
   # sets how many steps are needed.
-  safe = jnp.where(keep[:, None], flat, 0.0)
-  start = jnp.where(keep, weights, 0.0) @ safe / jnp.maximum(
-      jnp.sum(jnp.where(keep, weights, 0.0)), jnp.finfo(flat.dtype).tiny)
-  dist0 = jnp.sqrt(jnp.sum(jnp.square(flat - start[None]), axis=1))
-  scale = jnp.nanmedian(jnp.where(keep, dist0, jnp.nan))
+  tiny = jnp.finfo(weights.dtype).tiny
+  kept = jnp.where(keep, weights, 0.0)
+  start = kept / jnp.maximum(jnp.sum(kept), tiny)
+  scale = jnp.nanmedian(jnp.where(keep, distances_to(start), jnp.nan))
   scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1.0)
-  floor = jnp.sqrt(jnp.finfo(flat.dtype).eps) * scale
+  floor = jnp.sqrt(jnp.finfo(weights.dtype).eps) * scale
 
-  def step(_, z):
-    dist = jnp.sqrt(jnp.sum(jnp.square(flat - z[None]), axis=1))
-    beta = weights / jnp.maximum(dist, floor)
-    return (beta @ flat) / jnp.maximum(jnp.sum(beta), jnp.finfo(flat.dtype).tiny)
+  def step(_, c):
+    beta = weights / jnp.maximum(distances_to(c), floor)
+    return beta / jnp.maximum(jnp.sum(beta), tiny)
 
-  median = jax.lax.fori_loop(0, iters, step, start)
-  return median.reshape(points.shape[1:])
+  return jax.lax.fori_loop(0, iters, step, start)
+
+
+def huber_weights(distances_to, weights: jax.Array, iters: int = HUBER_ITERS) -> jax.Array:
+  r"""The Huber centre of :func:`huber_centre` as combination weights (see
+  :func:`geometric_median_weights` for ``distances_to``)."""
+  keep = weights > 0
+  tiny = jnp.finfo(weights.dtype).tiny
+  start = geometric_median_weights(distances_to, weights)
+  dist0 = distances_to(start)
+  med = _masked_median(dist0, keep)
+  mad = _masked_median(jnp.abs(dist0 - med), keep)
+  radius = med + CLIP_Z * _MAD_TO_SD * mad
+
+  def step(_, c):
+    dist = distances_to(c)
+    clip = jnp.where(dist <= radius, 1.0, radius / jnp.maximum(dist, tiny))
+    beta = jnp.where(keep, weights * clip, 0.0)
+    return beta / jnp.maximum(jnp.sum(beta), tiny)
+
+  return jax.lax.fori_loop(0, iters, step, start)
+
+
+def _point_distances(flat):
+  return lambda c: jnp.sqrt(jnp.sum(jnp.square(flat - (c @ flat)[None]), axis=1))
+
+
+def geometric_median(points: jax.Array, weights: jax.Array, iters: int = MEDIAN_ITERS):
+  r"""Weighted geometric median of ``points`` ``(K, ...)`` (Weiszfeld, fixed iterations).
+
+  .. math::
+    \arg\min_z \sum_k w_k \|z - x_k\|_F
+
+  See :func:`geometric_median_weights` (start, smoothing, breakdown point 1/2).
+  """
+  flat = points.reshape(points.shape[0], -1)
+  weights = weights.astype(flat.dtype)
+  return (geometric_median_weights(_point_distances(flat), weights, iters)
+          @ flat).reshape(points.shape[1:])
 
 
 def huber_centre(points: jax.Array, weights: jax.Array, iters: int = HUBER_ITERS):
@@ -217,23 +258,10 @@ def huber_centre(points: jax.Array, weights: jax.Array, iters: int = HUBER_ITERS
   like one at ``tau``: a single client's influence is bounded by ``tau / sum_k w_k`` and
   ``tau`` is set from medians, so a minority cannot inflate it.
   """
-  keep = weights > 0
   flat = points.reshape(points.shape[0], -1)
-  start = geometric_median(points, weights).reshape(-1)
-  dist0 = jnp.sqrt(jnp.sum(jnp.square(flat - start[None]), axis=1))
-  med = _masked_median(dist0, keep)
-  mad = _masked_median(jnp.abs(dist0 - med), keep)
-  radius = med + CLIP_Z * _MAD_TO_SD * mad
-  tiny = jnp.finfo(flat.dtype).tiny
-
-  def step(_, z):
-    dist = jnp.sqrt(jnp.sum(jnp.square(flat - z[None]), axis=1))
-    clip = jnp.where(dist <= radius, 1.0, radius / jnp.maximum(dist, tiny))
-    beta = jnp.where(keep, weights * clip, 0.0)
-    return (beta @ flat) / jnp.maximum(jnp.sum(beta), tiny)
-
-  centre = jax.lax.fori_loop(0, iters, step, start)
-  return centre.reshape(points.shape[1:])
+  weights = weights.astype(flat.dtype)
+  return (huber_weights(_point_distances(flat), weights, iters)
+          @ flat).reshape(points.shape[1:])
 
 
 def _masked_median(values, mask):
@@ -468,22 +496,22 @@ def _refine(updates, benign, noise_level, subspace_noise, rank, strength, *, max
             voters=None):
   """Jitted core of :func:`refine_updates` (``strength=None`` is ``"auto"``, a NaN noise
   level is "estimate"; ``rank=None`` is an empty pytree, so it compiles separately)."""
-  num_clients, m, n = updates.shape
-  in_dtype = updates.dtype
+  clients = client_stack.as_clients(updates)
+  num_clients, m, n = clients.shape
+  in_dtype = clients.dtype
   dtype = jnp.float32 if jnp.finfo(in_dtype).bits < 32 else in_dtype
-  x = updates.astype(dtype)
-  finite = jnp.all(jnp.isfinite(x), axis=(1, 2))
+  finite = clients.finite()
   benign = jnp.asarray(benign).astype(bool) & finite
   # The statistics count each group of near-duplicate clients once (``voters``);
   # every benign client is refined.
   stats = benign if voters is None else benign & jnp.asarray(voters).astype(bool)
-  x_safe = jnp.where(finite[:, None, None], x, 0.0)
-  x_benign = jnp.where(stats[:, None, None], x_safe, 0.0)
+  x_safe = clients.astype(dtype).masked(finite)
+  x_benign = x_safe.masked(stats)
   count = jnp.sum(stats).astype(dtype)
   count_safe = jnp.maximum(count, 1.0)
 
   # Shared subspace: eigen-decomposition of the benign Gram sum_k D_k D_k^T.
-  gram = jnp.einsum("kmn,kpn->mp", x_benign, x_benign)
+  gram = x_benign.gram()
   eigvals, eigvecs = jnp.linalg.eigh(gram)
   eigvals = jnp.maximum(eigvals[::-1], 0.0)
   eigvecs = eigvecs[:, ::-1]
@@ -496,14 +524,14 @@ def _refine(updates, benign, noise_level, subspace_noise, rank, strength, *, max
   q_dim = jnp.maximum(float(m), width)
   beta = p_dim / q_dim
   threshold_factor = noise_edge(p_dim, q_dim)
-  norms_sq = jnp.sum(jnp.square(x_safe), axis=(1, 2))
+  norms_sq = x_safe.sq_norms()
 
   def count_above(sigma):
     return jnp.sum(singular[:max_rank] > threshold_factor * sigma).astype(jnp.int32)
 
   def residual_sigma(r):
     mask = (jnp.arange(max_rank) < r).astype(dtype)
-    coef = jnp.einsum("mw,kmn->kwn", basis * mask[None, :], x_safe)
+    coef = x_safe.coefficients(basis * mask[None, :])
     residual = jnp.maximum(norms_sq - jnp.sum(jnp.square(coef), axis=(1, 2)), 0.0)
     rf = r.astype(dtype)
     dof = jnp.maximum((m - rf) * (n - rf / count_safe), 1.0)
@@ -530,7 +558,7 @@ def _refine(updates, benign, noise_level, subspace_noise, rank, strength, *, max
     # (floored at the accuracy of the Gram's eigenvalues, for noiseless or exact data)
     numerical = jnp.sqrt(jnp.finfo(dtype).eps) * singular[0]
     threshold = jnp.maximum(threshold_factor * sigma, numerical)
-    shares = jnp.sum(jnp.square(jnp.einsum("mw,kmn->kwn", basis, x_benign)), axis=2)
+    shares = jnp.sum(jnp.square(x_benign.coefficients(basis)), axis=2)
     without_top = jnp.sum(shares, axis=0) - jnp.max(shares, axis=0)
     width_loo = jnp.maximum(count - 1.0, 1.0) * n
     threshold_loo = jnp.maximum(noise_edge(float(m), width_loo) * sigma, numerical)
@@ -540,7 +568,8 @@ def _refine(updates, benign, noise_level, subspace_noise, rank, strength, *, max
     # / |B| per entry, so a common change too weak to stand out in the stack can stand out
     # there. Its part off the stack directions is tested against that (smaller) noise edge
     # and its significant left singular vectors are appended (orthogonal by construction).
-    centre_full = geometric_median(x_benign, stats.astype(dtype))
+    centre_full = x_benign.combination(geometric_median_weights(
+        x_benign.combination_distances(), stats.astype(dtype)))
     stack_basis = basis * shared.astype(dtype)[None, :]
     off = centre_full - stack_basis @ (stack_basis.T @ centre_full)
     off_vectors, off_values, off_right_t = jnp.linalg.svd(off, full_matrices=False)
@@ -549,11 +578,10 @@ def _refine(updates, benign, noise_level, subspace_noise, rank, strength, *, max
     # 1 / ||D_k - centre||: as for the stack, each singular value must also pass without
     # its largest single-client share (one client can pull the median by ~ its distance
     # over |B|, which at high heterogeneity exceeds the centre's noise edge).
-    distance = jnp.sqrt(jnp.sum(jnp.square(x_benign - centre_full[None]), axis=(1, 2)))
+    distance = x_benign.distances(centre_full)
     pull = jnp.where(stats, 1.0 / jnp.maximum(distance, jnp.finfo(dtype).tiny), 0.0)
     pull = pull / jnp.maximum(jnp.sum(pull), jnp.finfo(dtype).tiny)
-    along = jnp.einsum("mi,kmn,in->ki", off_vectors[:, :extra], x_benign,
-                       off_right_t[:extra]) * pull[:, None]
+    along = x_benign.bilinear(off_vectors[:, :extra], off_right_t[:extra]) * pull[:, None]
     top_share = jnp.maximum(jnp.max(along, axis=0), 0.0)
     rows_left = m - used_stack.astype(dtype)
     floor_centre = numerical / jnp.sqrt(count_safe)
@@ -580,7 +608,7 @@ def _refine(updates, benign, noise_level, subspace_noise, rank, strength, *, max
   maskf = mask.astype(dtype)
   subspace = basis * maskf[None, :]
 
-  coefficients = jnp.einsum("mw,kmn->kwn", subspace, x_safe)
+  coefficients = x_safe.coefficients(subspace)
   centre = huber_centre(coefficients, stats.astype(dtype))
   deviations = coefficients - centre[None]
 
@@ -623,12 +651,16 @@ def _refine(updates, benign, noise_level, subspace_noise, rank, strength, *, max
   else:
     s = jnp.asarray(strength, dtype) * maskf
 
-  right = centre[None] + s[None, :, None] * deviations
-  refined_benign = jnp.einsum("mw,kwn->kmn", subspace, right)
+  if isinstance(clients, client_stack.DenseClients):
+    right = centre[None] + s[None, :, None] * deviations
+    refined_benign = clients.project(subspace, right)
+    refined = jnp.where(benign[:, None, None], refined_benign.astype(in_dtype),
+                        clients.updates)
+  else:  # factored clients: the caller builds the refined factors (never dense)
+    refined = None
   # A non-finite client has no coefficients of its own: it is given the centre's, so its
   # refined factors (:func:`refined_factors`) are the consensus.
   coefficients = jnp.where(finite[:, None, None], coefficients, centre[None])
-  refined = jnp.where(benign[:, None, None], refined_benign.astype(in_dtype), updates)
   consensus = (subspace @ centre).astype(in_dtype)
   saturated = (passing > max_rank) if rank is None else jnp.asarray(False)
   return Refinement(
