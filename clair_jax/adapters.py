@@ -224,24 +224,31 @@ def _plan(adapters: dict, base: Adapter | None) -> tuple[_Module, ...]:
   return tuple(plan)
 
 
+def compute_dtype() -> np.dtype:
+  """float32, or float64 when JAX runs with ``jax_enable_x64`` (e.g. inside
+  ``with jax.enable_x64(True):``): the precision of every computation here."""
+  return np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
+
+
 def _factors(module: _Module, index: int) -> tuple[np.ndarray, np.ndarray]:
-  """Client ``index``'s ``left (out, q)`` and ``right (q, in)`` (float32, zero-padded):
-  ``[s_k B_k, 0, -s_0 B_0]`` and ``[A_k; 0; A_0]``."""
+  """Client ``index``'s ``left (out, q)`` and ``right (q, in)`` (:func:`compute_dtype`,
+  zero-padded): ``[s_k B_k, 0, -s_0 B_0]`` and ``[A_k; 0; A_0]``."""
   out, inner = module.shape
-  left = np.zeros((out, module.width), np.float32)
-  right = np.zeros((module.width, inner), np.float32)
+  dtype = compute_dtype()
+  left = np.zeros((out, module.width), dtype)
+  right = np.zeros((module.width, inner), dtype)
   client = module.clients[index]
-  left[:, :client.rank] = client.scaling * client.lora_b.astype(np.float32)
-  right[:client.rank] = client.lora_a.astype(np.float32)
+  left[:, :client.rank] = client.scaling * client.lora_b.astype(dtype)
+  right[:client.rank] = client.lora_a.astype(dtype)
   if module.base is not None:
     rank = module.base.rank
-    left[:, module.width - rank:] = -module.base.scaling * module.base.lora_b.astype(np.float32)
-    right[module.width - rank:] = module.base.lora_a.astype(np.float32)
+    left[:, module.width - rank:] = -module.base.scaling * module.base.lora_b.astype(dtype)
+    right[module.width - rank:] = module.base.lora_a.astype(dtype)
   return left, right
 
 
 def _stack(modules, indices) -> tuple[np.ndarray, np.ndarray]:
-  """``(J, K', out, q)`` and ``(J, K', q, in)`` float32 stacks of the listed clients."""
+  """``(J, K', out, q)`` and ``(J, K', q, in)`` stacks of the listed clients."""
   pairs = [[_factors(m, k) for k in indices] for m in modules]
   left = np.stack([np.stack([p[0] for p in row]) for row in pairs])
   right = np.stack([np.stack([p[1] for p in row]) for row in pairs])
@@ -262,16 +269,18 @@ def default_module_batch(num_clients: int, shape: tuple, width: int,
                          batching: str = "vmap") -> int:
   """Modules per compiled call: as many as fit ``MODULE_BATCH_BYTES``.
 
-  A module's working set is its refine's shared coordinates ``(K, p, n')``
-  (``p = min(out, K q)``, ``n' = min(in, K q)``) held a few times over, plus the
-  ``p x p`` Gram; its stacked factors are ``(K, out + in, q)``. With ``"vmap"`` every
-  module of the batch is worked on at once; with ``"map"`` one at a time, so only the
-  factors scale with the batch.
+  A module's working set is a few ``p x p`` Grams and eigenvectors (``p = min(out, K q)``),
+  the ``K q x K q`` client kernels, the reduced blocks ``(K, p, q)`` and the refine's
+  coefficients ``(K, 64, n')`` (``n' = min(in, K q)``), held a few times over; its
+  stacked factors are ``(K, out + in, q)``. With ``"vmap"`` every module of the batch is
+  worked on at once; with ``"map"`` one at a time, so only the factors scale with the
+  batch.
   """
   out, inner = shape
   p, n_reduced = min(out, num_clients * width), min(inner, num_clients * width)
   factors = 4 * 2 * num_clients * (out + inner) * width
-  working = 4 * (8 * num_clients * p * n_reduced + 4 * p * p)
+  working = 4 * 4 * (2 * p * p + (num_clients * width) ** 2 + num_clients * p * width
+                     + num_clients * 64 * n_reduced)
   if batching == "map":
     return max(1, int((MODULE_BATCH_BYTES - working) // factors))
   return max(1, int(MODULE_BATCH_BYTES // (factors + working)))
@@ -308,7 +317,8 @@ class RefinedAdapters(Mapping):
   ``lora_A = C_bar`` for a non-finite client; in the input's dtypes.
   """
 
-  def __init__(self, names, plan, refinements, positions):
+  def __init__(self, names, plan, refinements, positions, dtype=None):
+    self._dtype = dtype               # output dtype; None: each tensor's input dtype
     self._names = tuple(names)
     self._plan = plan
     self._refinements = refinements   # per module: joint.ModuleRefinement (NumPy, trimmed)
@@ -325,8 +335,8 @@ class RefinedAdapters(Mapping):
         lora_a = refinement.centre
       else:
         lora_a = joint.refined_right(refinement, row, _factors(module, index)[1])
-      tensors[module.a_key] = np.asarray(lora_a, np.float32).astype(module.a_dtype)
-      tensors[module.b_key] = refinement.shared.astype(module.b_dtype)
+      tensors[module.a_key] = np.asarray(lora_a).astype(self._dtype or module.a_dtype)
+      tensors[module.b_key] = refinement.shared.astype(self._dtype or module.b_dtype)
     return tensors
 
   def __iter__(self):
@@ -340,10 +350,10 @@ def _trim(refinement: joint.ModuleRefinement, index: int) -> joint.ModuleRefinem
   """Module ``index`` of a batched refinement, as NumPy, cut to its used rank (>= 1)."""
   width = max(int(refinement.rank[index]), 1)
   return joint.ModuleRefinement(
-      shared=np.asarray(refinement.shared[index][:, :width], np.float32),
-      centre=np.asarray(refinement.centre[index][:width], np.float32),
-      strength=np.asarray(refinement.strength[index][:width], np.float32),
-      coefficients=np.asarray(refinement.coefficients[index][:, :width], np.float32),
+      shared=np.asarray(refinement.shared[index][:, :width]),
+      centre=np.asarray(refinement.centre[index][:width]),
+      strength=np.asarray(refinement.strength[index][:width]),
+      coefficients=np.asarray(refinement.coefficients[index][:, :width]),
       rank=int(refinement.rank[index]),
       noise_level=float(refinement.noise_level[index]),
       saturated=bool(refinement.saturated[index]),
@@ -352,7 +362,7 @@ def _trim(refinement: joint.ModuleRefinement, index: int) -> joint.ModuleRefinem
 
 def _detect_all(batches, indices, rank: int, opts, batching: str, progress) -> dict:
   """``{module name: ModuleDetection}`` (NumPy) of the clients ``indices``, batch by batch."""
-  weights = jnp.ones((len(indices),), jnp.float32)
+  weights = jnp.ones((len(indices),), compute_dtype())
   detect_opts = joint.detection_options(opts)
   detections = {}
   for done, (modules, size) in enumerate(batches, 1):
@@ -408,7 +418,7 @@ def _check_rank(rank, plan, num_clients: int) -> int:
   return int(rank)
 
 
-def aggregate_adapters(clients: Mapping, rank: int, *, base_adapter=None,
+def aggregate_adapters(clients: Mapping, rank: int, *, base_adapter=None, dtype=None,
                        module_batch: int | None = None, batching: str | None = None,
                        progress: Callable[[str, int, int], None] | None = None,
                        **options) -> AdapterAggregation:
@@ -421,6 +431,9 @@ def aggregate_adapters(clients: Mapping, rank: int, *, base_adapter=None,
     rank: detection rank ``r`` of the shared subspace (per module).
     base_adapter: optional adapter (same forms) the clients continued from; the update is
       then the client's adapter minus it.
+    dtype: dtype of the output tensors (e.g. ``"float32"`` for bfloat16 inputs, to keep the
+      aggregate's precision); default ``None`` keeps each tensor's input dtype. The
+      computation itself runs in float32 (float64 under ``jax.enable_x64``).
     module_batch: modules per compiled call; default from ``MODULE_BATCH_BYTES``
       (:func:`default_module_batch`).
     batching: how a call runs its modules: ``"vmap"`` (one batched program) or ``"map"``
@@ -454,6 +467,9 @@ def aggregate_adapters(clients: Mapping, rank: int, *, base_adapter=None,
     raise ValueError(f"aggregate_adapters needs at least {validate.MIN_CLIENTS} clients; got "
                      f"{len(names)}.")
   opts = _check_options(options)
+  out_dtype = None if dtype is None else jnp.dtype(dtype)   # jnp knows "bfloat16"
+  if out_dtype is not None and not jnp.issubdtype(out_dtype, jnp.floating):
+    raise ValueError(f"dtype must be a floating dtype or None; got {dtype!r}.")
   if module_batch is not None and (isinstance(module_batch, bool) or int(module_batch) < 1):
     raise ValueError(f"module_batch must be a positive int or None; got {module_batch!r}.")
   batching = joint.default_batching() if batching is None else batching
@@ -497,8 +513,8 @@ def aggregate_adapters(clients: Mapping, rank: int, *, base_adapter=None,
   config = lora_config(ranks, adapters[names[0]].config)
   consensus = {}
   for module, refinement in zip(plan, ordered):
-    consensus[module.a_key] = refinement.centre.astype(module.a_dtype)
-    consensus[module.b_key] = refinement.shared.astype(module.b_dtype)
+    consensus[module.a_key] = refinement.centre.astype(out_dtype or module.a_dtype)
+    consensus[module.b_key] = refinement.shared.astype(out_dtype or module.b_dtype)
   return AdapterAggregation(
       names=names,
       contaminated=contaminated,
@@ -513,7 +529,7 @@ def aggregate_adapters(clients: Mapping, rank: int, *, base_adapter=None,
       status=np.array([int(detections[n].status) for n in module_names], np.int32),
       refine_ranks=np.array([r.rank for r in ordered], np.int32),
       refine_saturated=np.array([r.saturated for r in ordered], bool),
-      refined=RefinedAdapters(names, plan, ordered, positions),
+      refined=RefinedAdapters(names, plan, ordered, positions, out_dtype),
       consensus=consensus,
       config=config,
       rank=rank,
@@ -540,6 +556,7 @@ __all__ = (
     "aggregate_adapters",
     "as_adapter",
     "check_lora",
+    "compute_dtype",
     "default_module_batch",
     "dense_delta",
     "dense_deltas",

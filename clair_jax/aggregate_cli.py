@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--option", type=_option, action="append", default=[],
                       metavar="KEY=VALUE", help="a clair_jax.ClairOptions field, e.g. "
                       "refine_strength=0.5 (repeatable)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                      help="dtype of the written adapters (default: each tensor's input "
+                      "dtype; float32 keeps the aggregate's precision for bf16 inputs)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
   parser.add_argument("--no-plot", action="store_true", help="skip report.png")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -258,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
 
   try:
     result = adapters.aggregate_adapters(clients, args.rank, base_adapter=base,
-                                         module_batch=args.module_batch,
+                                         dtype=args.dtype, module_batch=args.module_batch,
                                          batching=args.batching, progress=progress,
                                          **options)
   except (ValueError, TypeError) as e:

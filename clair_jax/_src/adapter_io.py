@@ -368,8 +368,10 @@ def lora_modules(adapter: Adapter, *, client=None) -> dict[str, LoraModule]:
 
 
 def module_update(module: LoraModule) -> np.ndarray:
-  """``scaling * B A`` ``(out, in)`` in float32 (dense; for tests and small modules)."""
-  return module.scaling * (module.lora_b.astype(np.float32) @ module.lora_a.astype(np.float32))
+  """``scaling * B A`` ``(out, in)`` in float32, float64 for float64 factors (dense; for
+  tests and small modules)."""
+  dtype = np.promote_types(np.result_type(module.lora_a, module.lora_b), np.float32)
+  return module.scaling * (module.lora_b.astype(dtype) @ module.lora_a.astype(dtype))
 
 
 def dense_delta(module: LoraModule, fan_in_fan_out: bool = False) -> np.ndarray:

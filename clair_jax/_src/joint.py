@@ -390,9 +390,9 @@ def refined_right(refinement: ModuleRefinement, index: int, right_factor) -> np.
     right_factor: ``(q, n)`` the client's right factor (as in the stacked input).
 
   Returns:
-    ``(w, n)`` float32 NumPy array.
+    ``(w, n)`` NumPy array in the refinement's precision (float32 or float64).
   """
-  s = np.asarray(refinement.strength, np.float32)[:, None]
-  own = np.asarray(refinement.coefficients[index], np.float32) @ np.asarray(right_factor,
-                                                                            np.float32)
-  return (1.0 - s) * np.asarray(refinement.centre, np.float32) + s * own
+  dtype = np.promote_types(np.asarray(refinement.centre).dtype, np.float32)
+  s = np.asarray(refinement.strength, dtype)[:, None]
+  own = np.asarray(refinement.coefficients[index], dtype) @ np.asarray(right_factor, dtype)
+  return (1.0 - s) * np.asarray(refinement.centre, dtype) + s * own
