@@ -2,6 +2,10 @@
 
 from clair_jax._src.estimator import ClairOptions
 from clair_jax._src.estimator import ClairResult
+from clair_jax._src.estimator import DetectionOptions
+from clair_jax._src.estimator import RefineOptions
+from clair_jax._src.estimator import SolverOptions
+from clair_jax._src.estimator import WeightOptions
 from clair_jax._src.api import clair
 from clair_jax._src.estimator import estimate_rank
 from clair_jax._src.factored import FactoredUpdates
@@ -48,9 +52,13 @@ __all__ = (
     "ClairResult",
     "DecompositionSolution",
     "DecompositionState",
+    "DetectionOptions",
     "FactoredUpdates",
+    "RefineOptions",
     "STATUS_NAMES",
+    "SolverOptions",
     "Status",
+    "WeightOptions",
     "aggregate_adapters",
     "clair",
     "clair_factored",

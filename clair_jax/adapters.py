@@ -394,7 +394,7 @@ def _refine_all(batches, indices, benign, rank: int, opts, batching: str, progre
 
 
 def _check_options(options: dict) -> estimator.ClairOptions:
-  opts = estimator._options(options)  # pylint: disable=protected-access
+  opts = estimator.resolve_options(None, **options)
   if opts.side != "left":
     raise ValueError("aggregate_adapters shares the output side of every module (side='left' "
                      "for B A); side='right' would share the input side, which a common "

@@ -640,7 +640,7 @@ def clair_given_benign(updates: jax.Array, benign_mask: jax.Array, rank: int,
   """
   from clair_jax._src import estimator  # pylint: disable=g-import-not-at-top
   _check_updates(updates, "clair_given_benign")
-  opts = estimator.ClairOptions(**options)
+  opts = estimator.resolve_options(None, **options)
   benign = jnp.asarray(benign_mask).astype(bool) & finite_clients(updates)
   safe = jnp.where(benign[:, None, None], updates, 0.0)
   scale = jnp.median(jnp.where(benign, jnp.sqrt(jnp.sum(safe**2, axis=(1, 2))), jnp.nan))

@@ -6,12 +6,19 @@ which imports the dense core: the module graph stays one-way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from clair_jax._src import estimator
 from clair_jax._src import factored
 
+# What ``options=`` takes besides a whole ClairOptions (annotations only).
+OptionGroup = (estimator.DetectionOptions | estimator.WeightOptions | estimator.SolverOptions
+               | estimator.RefineOptions)
+
 
 def clair(updates, rank: int | None = None, *, client_weights=None,
-          options: estimator.ClairOptions | None = None, **overrides) -> estimator.ClairResult:
+          options: estimator.ClairOptions | OptionGroup | Sequence[OptionGroup] | None = None,
+          **overrides) -> estimator.ClairResult:
   """Detects contaminated clients, recovers the shared subspace and refines benign updates.
 
   Stacking the client updates ``M = [D_1, ..., D_K]`` (``m x K n``), CLAIR solves
@@ -37,11 +44,17 @@ def clair(updates, rank: int | None = None, *, client_weights=None,
       excluded from every fit and statistic.
     rank: shared-subspace dimension ``1 <= r <= min(m, K n)``, or ``None``.
     client_weights: optional ``(K,)`` nonnegative ``w_k`` in the group penalty.
-    options: a :class:`ClairOptions` (e.g. kept and reused across calls); default all
-      defaults.
-    **overrides: any field of :class:`ClairOptions`, applied on top of ``options``.
-      Float fields are traced: a new value does not recompile; shapes, method names and
-      step caps are static.
+    options: a :class:`ClairOptions` (e.g. kept and reused across calls), the base that
+      keywords update; or one option group (:class:`DetectionOptions`,
+      :class:`WeightOptions`, :class:`SolverOptions`, :class:`RefineOptions`) or a list
+      or tuple of groups, the other fields at their defaults; default all defaults.
+    **overrides: any field of :class:`ClairOptions` (``tol=1e-6``), or a whole group by
+      its keyword (``detection=``, ``weights=``, ``solver=``, ``refine=``:
+      ``solver=SolverOptions(tol=1e-6)``; ``refine`` given a string is the flat method
+      name). A group states every field of its group, defaults included: one field
+      stated twice with different values (by a group in ``options``, a group keyword or
+      a flat keyword) raises a ``ValueError`` naming it. Float fields are traced: a new
+      value does not recompile; shapes, method names and step caps are static.
 
   Sharding: ``updates`` sharded on the client axis (``NamedSharding(mesh, P("clients"))``)
   is solved in place: every client-wise step runs where the client lives, the ``m x m``
@@ -55,7 +68,10 @@ def clair(updates, rank: int | None = None, *, client_weights=None,
     :class:`ClairResult`.
 
   Raises:
-    ValueError: bad shapes, dtype, rank or options; or (for concrete input) no finite client.
+    ValueError: bad shapes, dtype, rank or options (a grouped option is named by its path,
+      ``"solver.tol"``), conflicting option values; or (for concrete input) no finite
+      client.
+    TypeError: ``options`` or a group keyword of the wrong type, or an unknown option.
 
   Example:
     >>> import jax, jax.numpy as jnp, clair_jax
@@ -66,11 +82,16 @@ def clair(updates, rank: int | None = None, *, client_weights=None,
     >>> updates = updates.at[:3].set(jax.random.normal(key, (3, 32, 8)))
     >>> clair_jax.clair(updates, rank=2).contaminated.tolist()  # doctest: +ELLIPSIS
     [True, True, True, False, ...]
+
+    Options by group or flat, the same object:
+
+    >>> opts = clair_jax.ClairOptions.grouped(solver=clair_jax.SolverOptions(tol=1e-5))
+    >>> opts == clair_jax.ClairOptions(tol=1e-5), opts.solver.tol
+    (True, 1e-05)
   """
-  if options is not None:
-    if not isinstance(options, estimator.ClairOptions):
-      raise TypeError(f"options must be a clair_jax.ClairOptions; got {type(options).__name__}")
-    overrides = {**options._asdict(), **overrides}
+  # Resolved and validated here, so grouped options are named by their path in errors;
+  # the dense and factored paths then see valid flat fields.
+  fields = estimator.resolve_options(options, **overrides)._asdict()
   if isinstance(updates, factored.FactoredUpdates):
-    return factored.clair_factored(updates, rank, client_weights=client_weights, **overrides)
-  return estimator.clair_dense(updates, rank, client_weights=client_weights, **overrides)
+    return factored.clair_factored(updates, rank, client_weights=client_weights, **fields)
+  return estimator.clair_dense(updates, rank, client_weights=client_weights, **fields)

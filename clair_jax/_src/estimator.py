@@ -42,17 +42,10 @@ NOISE_EDGE_MARGIN = 1.1
 LAM_SPARSE_RATIO = 1.5
 
 
-class ClairOptions(NamedTuple):
-  """Every knob of :func:`clair`; each default is derived from the data.
+class DetectionOptions(NamedTuple):
+  """Detection: which clients are flagged (the residual tests and the trimming loop).
 
   Attributes:
-    lam_low_rank: nuclear weight ``lambda_L`` (input units). Default
-      ``1.1 sigma_hat (sqrt(m) + sqrt(K n))``: 10% above the spectral norm of ``m x K n``
-      noise (see ``NOISE_EDGE_MARGIN``).
-    lam_sparse: group weight ``lambda_S`` (input units). Default ``1.5`` times the median
-      benign off-subspace residual, i.e. just above a benign block's noise norm.
-    noise_level: noise std ``sigma`` per entry (input units). Default: estimated, as
-      ``median_benign ||(I - U U^T) D_k||_F / sqrt((m - r) n)``.
     threshold_ratio: a client is flagged when its residual exceeds this multiple of the
       benign median residual, or of its own noise level; default ``None``: a floor from
       the degrees of freedom, ``exp(4 sd)`` of benign sampling noise (see
@@ -62,34 +55,114 @@ class ClairOptions(NamedTuple):
       levels) are not flagged (default 3).
     scale_floor: floor on the benign median residual, relative to the median client norm
       (default 1e-4); keeps scores meaningful for noiseless data.
-    convex_floor: floor on that residual when it sets the convex weights (default 1e-2):
-      with (near) noiseless data the convex program is degenerate (any split of ``M`` into
-      ``L + S`` costs ~0) and converges slowly; the trimming loop decides there anyway.
     consensus: also start the trimming loop from the client-count consensus (default on;
       needed against coherent groups with larger norms).
     num_candidates: clients proposing a subspace in the consensus search (default
       ``min(K, 64)``, evenly spaced).
     max_trim_steps: cap on trimming (C-step) iterations.
-    tol, max_steps, continuation_factor, svt_method, svt_width: convex solver settings,
-      see :func:`clair_jax.solve_decomposition` (``svt_width``: columns of the
-      warm-started SVT basis; it must exceed ``4/3`` of the rank of ``L``; default 32
-      below ``m = 512``, else ``min(m / 8, 512)``).
-    side: ``"left"`` shares the column space (``m`` side, ``U`` is ``m x r``); ``"right"``
-      shares the row space (each update is transposed, ``U`` is ``n x r``).
-    contaminated_output: ``"keep"`` returns flagged clients as sent; ``"project"`` projects
-      the finite ones onto the subspace too (non-finite ones are still returned as sent).
-    refine: ``"pool"`` (default): partial pooling of the benign clients inside a refine
-      subspace chosen from data (:func:`clair_jax.refine_updates`):
+    noise_level: noise std ``sigma`` per entry (input units). Default: estimated, as
+      ``median_benign ||(I - U U^T) D_k||_F / sqrt((m - r) n)``.
+  """
+
+  threshold_ratio: float | None = None
+  mad_multiplier: float = 3.0
+  scale_floor: float = 1e-4
+  consensus: bool = True
+  num_candidates: int | None = None
+  max_trim_steps: int = 30
+  noise_level: float | None = None
+
+
+class WeightOptions(NamedTuple):
+  """Weights of the convex program ``lambda_L ||L||_* + lambda_S sum_k w_k ||S_k||_F``.
+
+  Attributes:
+    lam_low_rank: nuclear weight ``lambda_L`` (input units). Default
+      ``1.1 sigma_hat (sqrt(m) + sqrt(K n))``: 10% above the spectral norm of ``m x K n``
+      noise (see ``NOISE_EDGE_MARGIN``).
+    lam_sparse: group weight ``lambda_S`` (input units). Default ``1.5`` times the median
+      benign off-subspace residual, i.e. just above a benign block's noise norm.
+    convex_floor: floor on that residual when it sets the convex weights (default 1e-2):
+      with (near) noiseless data the convex program is degenerate (any split of ``M`` into
+      ``L + S`` costs ~0) and converges slowly; the trimming loop decides there anyway.
+  """
+
+  lam_low_rank: float | None = None
+  lam_sparse: float | None = None
+  convex_floor: float = 1e-2
+
+
+class SolverOptions(NamedTuple):
+  """The convex solver (see :func:`clair_jax.solve_decomposition`).
+
+  Attributes:
+    tol: relative stopping tolerance (default 1e-4).
+    max_steps: cap on solver iterations (default 500).
+    continuation_factor: each step shrinks the weights by this factor in ``(0, 1]``
+      toward their target (default 0.7).
+    svt_method: how singular values are thresholded, one of ``svt.SVT_METHODS``
+      (default ``"auto"``).
+    svt_width: columns of the warm-started SVT basis; it must exceed ``4/3`` of the rank
+      of ``L`` (default 32 below ``m = 512``, else ``min(m / 8, 512)``).
+  """
+
+  tol: float = 1e-4
+  max_steps: int = 500
+  continuation_factor: float = 0.7
+  svt_method: str = "auto"
+  svt_width: int | None = None
+
+
+class RefineOptions(NamedTuple):
+  """Refinement: what each client gets back (flat names in :class:`ClairOptions` in brackets).
+
+  Attributes:
+    method: (``refine``) ``"pool"`` (default): partial pooling of the benign clients
+      inside a refine subspace chosen from data (:func:`clair_jax.refine_updates`):
       ``U_R (C_bar + S (C_k - C_bar))``; ``"projection"``: the paper's ``U U^T D_k`` with
       the detection subspace (rank ``r``).
-    refine_strength: ``"auto"`` (default, server-only empirical-Bayes shrinkage) or a
-      float in ``[0, 1]`` (``1`` keeps each client's own coefficients, ``0`` gives every
-      benign client the pooled update; e.g. from :func:`clair_jax.choose_strength`, a
-      federated evaluation round).
-    refine_rank: refine rank (``None``: chosen from data, decoupled from ``rank``).
-    refine_max_rank: static width of the refine subspace (default ``min(m, K n, 64)``).
+    strength: (``refine_strength``) ``"auto"`` (default, server-only empirical-Bayes
+      shrinkage) or a float in ``[0, 1]`` (``1`` keeps each client's own coefficients,
+      ``0`` gives every benign client the pooled update; e.g. from
+      :func:`clair_jax.choose_strength`, a federated evaluation round).
+    rank: (``refine_rank``) refine rank (``None``: chosen from data, decoupled from
+      ``rank``).
+    max_rank: (``refine_max_rank``) static width of the refine subspace (default
+      ``min(m, K n, 64)``).
     subspace_noise: per-entry noise std *inside* the subspace, if clients measured it
       (e.g. from two half-data updates); default: taken equal to the off-subspace noise.
+    contaminated_output: ``"keep"`` returns flagged clients as sent; ``"project"``
+      projects the finite ones onto the subspace too (non-finite ones are still returned
+      as sent).
+  """
+
+  method: str = "pool"
+  strength: float | str = "auto"
+  rank: int | None = None
+  max_rank: int | None = None
+  subspace_noise: float | None = None
+  contaminated_output: str = "keep"
+
+
+class ClairOptions(NamedTuple):
+  """Every knob of :func:`clair`, flat; each default is derived from the data.
+
+  The fields come in four groups, documented there; ``side`` is the one field of its own.
+  Build from groups with :meth:`grouped`, read a group back with :attr:`detection`,
+  :attr:`weights`, :attr:`solver` or :attr:`refinement`. The object is hashable: it is a
+  static argument of the jitted core (float fields are traced, see ``TRACED_OPTIONS``).
+
+  Attributes:
+    threshold_ratio, mad_multiplier, scale_floor, consensus, num_candidates,
+      max_trim_steps, noise_level: detection, see :class:`DetectionOptions`.
+    lam_low_rank, lam_sparse, convex_floor: convex weights, see :class:`WeightOptions`.
+    tol, max_steps, continuation_factor, svt_method, svt_width: convex solver, see
+      :class:`SolverOptions`.
+    refine, refine_strength, refine_rank, refine_max_rank, subspace_noise,
+      contaminated_output: refinement, see :class:`RefineOptions` (there ``method``,
+      ``strength``, ``rank``, ``max_rank``).
+    side: ``"left"`` shares the column space (``m`` side, ``U`` is ``m x r``); ``"right"``
+      shares the row space (each update is transposed, ``U`` is ``n x r``).
   """
 
   lam_low_rank: float | None = None
@@ -114,6 +187,178 @@ class ClairOptions(NamedTuple):
   refine_rank: int | None = None
   refine_max_rank: int | None = None
   subspace_noise: float | None = None
+
+  @classmethod
+  def grouped(cls, *, detection: DetectionOptions | None = None,
+              weights: WeightOptions | None = None, solver: SolverOptions | None = None,
+              refine: RefineOptions | None = None, side: str = "left") -> ClairOptions:
+    """The flat options from groups (``None``: that group's defaults), validated.
+
+    ``ClairOptions.grouped(**opts.as_groups()) == opts`` for any valid ``opts``.
+
+    Raises:
+      TypeError: a group of the wrong type.
+      ValueError: a bad value, named by its path (``"solver.tol must be ..."``).
+    """
+    groups = {key: group for key, group in (("detection", detection), ("weights", weights),
+                                            ("solver", solver), ("refine", refine))
+              if group is not None}
+    for key, group in groups.items():
+      _check_group_type(key, group)  # also `refine`: here it is the group, never the name
+    return resolve_options(None, side=side, **groups)
+
+  @property
+  def detection(self) -> DetectionOptions:
+    """The detection fields, as a :class:`DetectionOptions`."""
+    return _group_of(self, "detection")
+
+  @property
+  def weights(self) -> WeightOptions:
+    """The convex weights, as a :class:`WeightOptions`."""
+    return _group_of(self, "weights")
+
+  @property
+  def solver(self) -> SolverOptions:
+    """The convex solver settings, as a :class:`SolverOptions`."""
+    return _group_of(self, "solver")
+
+  @property
+  def refinement(self) -> RefineOptions:
+    """The refinement fields, as a :class:`RefineOptions` (``refine`` is its ``method``)."""
+    return _group_of(self, "refine")
+
+  def as_groups(self) -> dict:
+    """``{"detection", "weights", "solver", "refine": group, "side": str}``: the
+    keywords of :meth:`grouped` (and of :func:`clair_jax.clair`) that rebuild these options."""
+    return {**{key: _group_of(self, key) for key in OPTION_GROUPS}, "side": self.side}
+
+
+# Where each flat field lives: group keyword -> (group type, {group field: flat field}).
+# Every field of ClairOptions but `side` is in exactly one group (tests/test_options.py).
+OPTION_GROUPS = {
+    "detection": (DetectionOptions, {name: name for name in DetectionOptions._fields}),
+    "weights": (WeightOptions, {name: name for name in WeightOptions._fields}),
+    "solver": (SolverOptions, {name: name for name in SolverOptions._fields}),
+    "refine": (RefineOptions, {"method": "refine", "strength": "refine_strength",
+                               "rank": "refine_rank", "max_rank": "refine_max_rank",
+                               "subspace_noise": "subspace_noise",
+                               "contaminated_output": "contaminated_output"}),
+}
+
+
+def _group_of(opts: ClairOptions, key: str):
+  group_type, fields = OPTION_GROUPS[key]
+  return group_type(**{name: getattr(opts, flat) for name, flat in fields.items()})
+
+
+def _group_key(value) -> str | None:
+  """The group keyword whose type ``value`` has, else ``None``."""
+  for key, (group_type, _) in OPTION_GROUPS.items():
+    if isinstance(value, group_type):
+      return key
+  return None
+
+
+def _group_items(key: str, group) -> list[tuple[str, str, object]]:
+  """``(flat field, path, value)`` for every field of a group object."""
+  _, fields = OPTION_GROUPS[key]
+  return [(flat, f"{key}.{name}", getattr(group, name)) for name, flat in fields.items()]
+
+
+def _groups_in(options) -> list:
+  """The group objects of ``options=`` (one group, or a list or tuple of them)."""
+  if _group_key(options) is not None:
+    return [options]
+  # Any NamedTuple is a tuple: only a plain list or tuple is a sequence of groups here.
+  if isinstance(options, (list, tuple)) and not hasattr(options, "_fields"):
+    for index, item in enumerate(options):
+      if _group_key(item) is None:
+        raise TypeError(f"options[{index}] must be a clair_jax option group "
+                        f"({_GROUP_TYPE_NAMES}); got {type(item).__name__}")
+    return list(options)
+  raise TypeError(f"options must be a clair_jax.ClairOptions, an option group "
+                  f"({_GROUP_TYPE_NAMES}) or a list of groups; got {type(options).__name__}")
+
+
+_GROUP_TYPE_NAMES = ", ".join(group_type.__name__ for group_type, _ in OPTION_GROUPS.values())
+
+
+def _same(a, b) -> bool:
+  """Whether two stated values agree (``1e-4`` and ``np.float64(1e-4)`` do)."""
+  if a is b:
+    return True
+  try:
+    return bool(a == b)
+  except (TypeError, ValueError):  # arrays, tracers: not comparable here, so not the same
+    return False
+
+
+def resolve_options(options=None, **keywords) -> ClairOptions:
+  """The validated :class:`ClairOptions` from every route :func:`clair_jax.clair` accepts.
+
+  Args:
+    options: ``None``; a :class:`ClairOptions`, the base that keywords update (as
+      before); or an option group, or a list or tuple of groups.
+    **keywords: flat fields of :class:`ClairOptions` and group keywords (``detection``,
+      ``weights``, ``solver``, ``refine``; ``refine`` is the group when given a
+      :class:`RefineOptions`, else the flat method name).
+
+  A group object states every field of its group (its defaults too). Flat keywords are
+  applied last, on top of the base and the groups (``clair(x, r, solver=SolverOptions(
+  max_steps=50), tol=1e-5)`` runs with both), as they are on a ``ClairOptions`` base. Two
+  groups stating one field with different values (``options=SolverOptions(tol=1e-6),
+  solver=SolverOptions(tol=1e-5)``) are ambiguous, so that raises rather than picking one.
+
+  Raises:
+    TypeError: ``options`` or a group keyword of the wrong type, or an unknown option.
+    ValueError: conflicting values for one field, or a bad value (named by the path it
+      came by: ``"solver.tol"`` from a group, ``"tol"`` from a flat keyword).
+  """
+  unknown = set(keywords) - set(ClairOptions._fields) - set(OPTION_GROUPS)
+  if unknown:
+    raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options: "
+                    f"{list(ClairOptions._fields)} and the groups {list(OPTION_GROUPS)}")
+  base = {}
+  given = {}  # flat field -> (value, path it came by, route)
+  if isinstance(options, ClairOptions):
+    base = options._asdict()
+  elif options is not None:
+    for group in _groups_in(options):
+      _give_group(given, _group_key(group), group, "options=")
+  flat_keywords = {}
+  for key, value in keywords.items():
+    if key in OPTION_GROUPS and (key != "refine" or _group_key(value) is not None):
+      if value is not None:
+        _check_group_type(key, value)
+        _give_group(given, key, value, f"{key}=")
+    else:
+      flat_keywords[key] = value
+  paths = {field: path for field, (_, path, _) in given.items()}
+  paths.update({key: key for key in flat_keywords})
+  flat = {**base, **{field: value for field, (value, _, _) in given.items()}, **flat_keywords}
+  return _options(flat, paths)
+
+
+def _check_group_type(key: str, value) -> None:
+  group_type, _ = OPTION_GROUPS[key]
+  if not isinstance(value, group_type):
+    raise TypeError(f"{key} must be a clair_jax.{group_type.__name__}; "
+                    f"got {type(value).__name__}")
+
+
+def _give_group(given: dict, key: str, group, route: str) -> None:
+  for field, path, value in _group_items(key, group):
+    _give(given, field, path, value, route)
+
+
+def _give(given: dict, field: str, path: str, value, route: str) -> None:
+  if field in given and not _same(given[field][0], value):
+    old_value, old_path, old_route = given[field]
+    raise ValueError(
+        f"conflicting values for option {field}: {old_path}={old_value!r} ({old_route}) "
+        f"and {path}={value!r} ({route}); a group sets every field of its group, "
+        f"defaults included: give each group once (flat keywords override groups)")
+  given.setdefault(field, (value, path, route))
 
 
 class ClairResult(NamedTuple):
@@ -224,69 +469,94 @@ class ClairResult(NamedTuple):
     ] + ([] if int(self.status) == Status.SUCCESSFUL else [f"  ({self.status_message})"]))
 
 
-def _options(options: dict) -> ClairOptions:
+def _options(options: dict, paths: dict | None = None) -> ClairOptions:
+  """Validated :class:`ClairOptions` from flat fields.
+
+  ``paths`` names a field in the errors by the way it came (``{"tol": "solver.tol"}``);
+  a field not in it is named flat.
+  """
   unknown = set(options) - set(ClairOptions._fields)
   if unknown:
     raise TypeError(
         f"unknown option(s) {sorted(unknown)}; valid options: {list(ClairOptions._fields)}")
   opts = ClairOptions(**options)
-  if opts.side not in ("left", "right"):
-    raise ValueError(f"side must be 'left' or 'right'; got {opts.side!r}")
-  if opts.contaminated_output not in ("keep", "project"):
-    raise ValueError(
-        f"contaminated_output must be 'keep' or 'project'; got {opts.contaminated_output!r}")
-  if opts.refine not in ("pool", "projection"):
-    raise ValueError(f"refine must be 'pool' or 'projection'; got {opts.refine!r}")
-  if isinstance(opts.refine_strength, str):
-    if opts.refine_strength != "auto":
-      raise ValueError(
-          f"refine_strength must be 'auto' or a float in [0, 1]; got {opts.refine_strength!r}")
-  elif not 0.0 <= float(opts.refine_strength) <= 1.0:
-    raise ValueError(f"refine_strength must be in [0, 1]; got {opts.refine_strength}")
-  for name in ("refine_rank", "refine_max_rank"):
-    value = getattr(opts, name)
-    if value is not None and not (isinstance(value, numbers.Integral)
-                                  and not isinstance(value, bool) and value >= 0):
-      raise ValueError(f"{name} must be a nonnegative int or None; got {value!r}")
-  if opts.subspace_noise is not None and not float(opts.subspace_noise) >= 0:
-    raise ValueError(f"subspace_noise must be >= 0 or None; got {opts.subspace_noise}")
-  if opts.svt_method not in svt.SVT_METHODS:
-    raise ValueError(f"svt_method must be one of {svt.SVT_METHODS}; got {opts.svt_method!r}")
-  if opts.svt_width is not None and not (isinstance(opts.svt_width, numbers.Integral)
-                                         and not isinstance(opts.svt_width, bool)
-                                         and opts.svt_width >= 1):
-    raise ValueError(f"svt_width must be a positive int or None; got {opts.svt_width!r}")
+  name = functools.partial(_path, paths or {})
+  _check_choices(opts, name)
+  _check_refine(opts, name)
+  _check_svt_width(opts, name)
   if opts.threshold_ratio is not None and not opts.threshold_ratio > 1.0:
-    raise ValueError(f"threshold_ratio must be > 1; got {opts.threshold_ratio}")
-  for name in ("lam_low_rank", "lam_sparse", "noise_level"):
-    value = getattr(opts, name)
+    raise ValueError(f"{name('threshold_ratio')} must be > 1; got {opts.threshold_ratio}")
+  for field in ("lam_low_rank", "lam_sparse", "noise_level"):
+    value = getattr(opts, field)
     if value is not None and not float(value) > 0:
-      raise ValueError(f"{name} must be positive or None; got {value}")
-  _check_number(opts, "tol", lambda v: v > 0, "> 0")
-  _check_number(opts, "mad_multiplier", lambda v: v >= 0, ">= 0")
-  _check_number(opts, "scale_floor", lambda v: v >= 0, ">= 0")
-  _check_number(opts, "convex_floor", lambda v: v >= 0, ">= 0")
+      raise ValueError(f"{name(field)} must be positive or None; got {value}")
+  _check_number(opts, "tol", lambda v: v > 0, "> 0", name)
+  _check_number(opts, "mad_multiplier", lambda v: v >= 0, ">= 0", name)
+  _check_number(opts, "scale_floor", lambda v: v >= 0, ">= 0", name)
+  _check_number(opts, "convex_floor", lambda v: v >= 0, ">= 0", name)
   # The continuation shrinks the weights geometrically toward their target: a factor
   # outside (0, 1] would grow them or flip their sign.
-  _check_number(opts, "continuation_factor", lambda v: 0 < v <= 1, "in (0, 1]")
-  _check_int(opts, "max_steps", 1)
-  _check_int(opts, "max_trim_steps", 0)
+  _check_number(opts, "continuation_factor", lambda v: 0 < v <= 1, "in (0, 1]", name)
+  _check_int(opts, "max_steps", 1, name)
+  _check_int(opts, "max_trim_steps", 0, name)
   if opts.num_candidates is not None:
-    _check_int(opts, "num_candidates", 1)
+    _check_int(opts, "num_candidates", 1, name)
   return opts
 
 
-def _check_number(opts, name: str, ok, rule: str) -> None:
-  value = getattr(opts, name)
+def _path(paths: dict, field: str) -> str:
+  return paths.get(field, field)
+
+
+def _check_choices(opts: ClairOptions, name) -> None:
+  """The fields that take one of a few names."""
+  if opts.side not in ("left", "right"):
+    raise ValueError(f"{name('side')} must be 'left' or 'right'; got {opts.side!r}")
+  if opts.contaminated_output not in ("keep", "project"):
+    raise ValueError(f"{name('contaminated_output')} must be 'keep' or 'project'; "
+                     f"got {opts.contaminated_output!r}")
+  if opts.refine not in ("pool", "projection"):
+    raise ValueError(f"{name('refine')} must be 'pool' or 'projection'; got {opts.refine!r}")
+  if opts.svt_method not in svt.SVT_METHODS:
+    raise ValueError(f"{name('svt_method')} must be one of {svt.SVT_METHODS}; "
+                     f"got {opts.svt_method!r}")
+
+
+def _check_refine(opts: ClairOptions, name) -> None:
+  if isinstance(opts.refine_strength, str):
+    if opts.refine_strength != "auto":
+      raise ValueError(f"{name('refine_strength')} must be 'auto' or a float in [0, 1]; "
+                       f"got {opts.refine_strength!r}")
+  elif not 0.0 <= float(opts.refine_strength) <= 1.0:
+    raise ValueError(f"{name('refine_strength')} must be in [0, 1]; got {opts.refine_strength}")
+  for field in ("refine_rank", "refine_max_rank"):
+    value = getattr(opts, field)
+    if value is not None and not (isinstance(value, numbers.Integral)
+                                  and not isinstance(value, bool) and value >= 0):
+      raise ValueError(f"{name(field)} must be a nonnegative int or None; got {value!r}")
+  if opts.subspace_noise is not None and not float(opts.subspace_noise) >= 0:
+    raise ValueError(f"{name('subspace_noise')} must be >= 0 or None; got {opts.subspace_noise}")
+
+
+def _check_svt_width(opts: ClairOptions, name) -> None:
+  if opts.svt_width is not None and not (isinstance(opts.svt_width, numbers.Integral)
+                                         and not isinstance(opts.svt_width, bool)
+                                         and opts.svt_width >= 1):
+    raise ValueError(f"{name('svt_width')} must be a positive int or None; "
+                     f"got {opts.svt_width!r}")
+
+
+def _check_number(opts, field: str, ok, rule: str, name=str) -> None:
+  value = getattr(opts, field)
   if (isinstance(value, bool) or not isinstance(value, numbers.Real)
       or not math.isfinite(value) or not ok(value)):
-    raise ValueError(f"{name} must be a finite number {rule}; got {value!r}")
+    raise ValueError(f"{name(field)} must be a finite number {rule}; got {value!r}")
 
 
-def _check_int(opts, name: str, minimum: int) -> None:
-  value = getattr(opts, name)
+def _check_int(opts, field: str, minimum: int, name=str) -> None:
+  value = getattr(opts, field)
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    raise ValueError(f"{name(field)} must be an int >= {minimum}; got {value!r}")
 
 
 def clair_dense(updates, rank: int | None = None, *, client_weights=None,

@@ -168,6 +168,7 @@ class Reduction(NamedTuple):
   basis: jax.Array | None  # (m, p) Q, orthonormal columns; None: the identity (p = m)
   right_bases: jax.Array  # (K, n, q') P_k, orthonormal columns
   active: jax.Array       # (K,) bool, clients whose factors are finite
+  left_coordinates: jax.Array  # (K, p, q) Q^T A_k (zero for inactive clients)
 
 
 def column_basis(left: jax.Array) -> jax.Array | None:
@@ -176,11 +177,21 @@ def column_basis(left: jax.Array) -> jax.Array | None:
   ``p = min(m, K q)``; when ``K q >= m``, ``None`` stands for the identity (no QR, and no
   ``m x m`` products: at ``m = 4096, K q = 8192`` each would be a 275 GFLOP GEMM).
   """
+  return reduce_columns(left)[0]
+
+
+def reduce_columns(left: jax.Array) -> tuple[jax.Array | None, jax.Array]:
+  """``Q`` of :func:`column_basis` and the clients' coordinates ``Q^T A_k`` ``(K, p, q)``.
+
+  The coordinates are the blocks of the QR's triangular factor (``[A_1, ..., A_K] = Q R``,
+  so ``Q^T A_k = R[:, k q:(k + 1) q]``): no second ``m``-long product.
+  """
   num_clients, m, q = left.shape
   if num_clients * q >= m:
-    return None
+    return None, left
   stacked = jnp.transpose(left, (1, 0, 2)).reshape(m, num_clients * q)
-  return jnp.linalg.qr(stacked)[0]
+  basis, triangle = jnp.linalg.qr(stacked)
+  return basis, jnp.transpose(triangle.reshape(-1, num_clients, q), (1, 0, 2))
 
 
 def reduce_factored(factored: FactoredUpdates) -> Reduction:
@@ -202,12 +213,11 @@ def reduce_factored(factored: FactoredUpdates) -> Reduction:
   active = jnp.all(jnp.isfinite(left), axis=(1, 2)) & jnp.all(jnp.isfinite(right), axis=(1, 2))
   left = jnp.where(active[:, None, None], left, 0.0)
   right = jnp.where(active[:, None, None], right, 0.0)
-  basis = column_basis(left)                                          # (m, p)
+  basis, coefficients = reduce_columns(left)                          # (m, p), Q^T A_k
   right_bases, triangles = jnp.linalg.qr(jnp.swapaxes(right, 1, 2))  # (K,n,q'), (K,q',q)
-  coefficients = left if basis is None else jnp.einsum("mp,kmq->kpq", basis, left)  # Q^T A_k
   blocks = jnp.einsum("kpq,ksq->kps", coefficients, triangles)       # Q^T A_k T_k^T
   blocks = jnp.where(active[:, None, None], blocks, jnp.nan)
-  return Reduction(blocks, basis, right_bases, active)
+  return Reduction(blocks, basis, right_bases, active, coefficients)
 
 
 def _embed(reduction: Reduction, blocks: jax.Array, data_dtype) -> FactoredUpdates:
@@ -282,7 +292,7 @@ def clair_factored(factored: FactoredUpdates, rank: int | None = None, *,
       client with finite factors.
   """
   factored = check_factored(FactoredUpdates(*factored))
-  opts = estimator._options(options)  # pylint: disable=protected-access
+  opts = estimator.resolve_options(None, **options)
   if opts.side == "right":
     factored = factored.transpose()
   num_clients, m, n = factored.shape
@@ -350,12 +360,10 @@ def clair_factored_core(factored: FactoredUpdates, client_weights, rank: int,
   # (D_k = Q W_k P^T exactly; p x min(n, K q) per client), kept as factors: the refine
   # never forms the W_k (client_stack.FactoredClients).
   compute = reduction.blocks.dtype
-  left = jnp.where(reduction.active[:, None, None], factored.left.astype(compute), 0.0)
   right = jnp.where(reduction.active[:, None, None], factored.right.astype(compute), 0.0)
-  row_basis = column_basis(jnp.swapaxes(right, 1, 2))               # (n, n') or None
-  left_reduced = left if reduction.basis is None else jnp.einsum("mp,kmq->kpq",
-                                                                  reduction.basis, left)
-  right_reduced = right if row_basis is None else jnp.einsum("kqn,ns->kqs", right, row_basis)
+  row_basis, right_coordinates = reduce_columns(jnp.swapaxes(right, 1, 2))  # (n, n'), P^T B_k^T
+  left_reduced = reduction.left_coordinates
+  right_reduced = jnp.swapaxes(right_coordinates, 1, 2)            # (K, q, n') B_k P
   core = estimator.clair_core(reduction.blocks, client_weights, rank, opts,
                               weight_shape=(m, n) if dense_weights else None,
                               refine_clients=client_stack.FactoredClients(left_reduced,

@@ -326,10 +326,9 @@ def refine_module(left, right, benign, rank: int,
   dtype = validate.compute_dtype(jnp.result_type(left.dtype, right.dtype))
   left, right = left.astype(dtype), right.astype(dtype)
   num_clients = left.shape[0]
-  column = factored.column_basis(left)                                  # (m, p) or None
-  row = factored.column_basis(jnp.swapaxes(right, 1, 2))               # (n, n') or None
-  left_reduced = left if column is None else jnp.einsum("mp,kmq->kpq", column, left)
-  right_reduced = right if row is None else jnp.einsum("kqn,ns->kqs", right, row)
+  column, left_reduced = factored.reduce_columns(left)                 # (m, p), Q^T left_k
+  row, right_coordinates = factored.reduce_columns(jnp.swapaxes(right, 1, 2))
+  right_reduced = jnp.swapaxes(right_coordinates, 1, 2)                # (K, q, n') right_k P
   # (K, p, n') clients as factors, each factor first divided by its largest entry so that
   # no squared norm over- or underflows, then by the median client norm.
   left_scale, right_scale = _largest(left_reduced), _largest(right_reduced)
