@@ -33,6 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clair_jax._src import robust
 from clair_jax._src.subspace import fit_subspace
 from clair_jax._src.subspace import project_onto_subspace
 
@@ -70,7 +71,7 @@ def _check_updates(updates: jax.Array, name: str) -> None:
 
 def finite_clients(updates: jax.Array) -> jax.Array:
   """``(K,)`` bool: clients whose update has only finite entries."""
-  return jnp.all(jnp.isfinite(updates), axis=(1, 2))
+  return robust.finite_clients(updates)
 
 
 def _broadcast(aggregate: jax.Array, updates: jax.Array) -> jax.Array:
@@ -467,7 +468,7 @@ def centered_clipping(
   start = jnp.asarray(start, updates.dtype)
   if radius is None:
     distances = _frobenius_norms(points - start[None])
-    radius = jnp.nanmedian(jnp.where(keep, distances, jnp.nan))
+    radius = robust.masked_median(distances, keep)
   radius = jnp.asarray(radius, updates.dtype)
   tiny = jnp.finfo(updates.dtype).tiny
 

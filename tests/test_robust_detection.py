@@ -13,6 +13,7 @@ import pytest
 import clair_jax
 from clair_jax import baselines, metrics, synthetic
 from clair_jax._src import detect
+from clair_jax._src import robust
 from problems import make_problem
 
 K, M, N, R = 40, 64, 16, 4
@@ -84,17 +85,17 @@ def test_weighted_statistics_reduce_to_the_unweighted_ones():
     values = jnp.asarray(rng.standard_normal(size), jnp.float32)
     mask = jnp.asarray(rng.random(size) < 0.7).at[0].set(True)
     ones = mask.astype(jnp.float32)
-    np.testing.assert_allclose(detect.weighted_median(values, ones),
-                               detect.masked_median(values, mask), rtol=1e-6)
+    np.testing.assert_allclose(robust.weighted_median(values, ones),
+                               robust.masked_median(values, mask), rtol=1e-6)
     count = jnp.sum(mask) // 2 + 1
     np.testing.assert_allclose(detect.weighted_smallest_sum(values, ones, count),
                                detect.smallest_sum(values, mask, count), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(detect.weighted_smallest_mask(values, ones, count),
                                   detect.smallest_mask(values, mask, count))
   # weight moves the median toward a heavy client; zero weight leaves a client out
-  heavy = float(detect.weighted_median(jnp.array([0.0, 1.0, 5.0]), jnp.array([1.0, 1.0, 3.0])))
+  heavy = float(robust.weighted_median(jnp.array([0.0, 1.0, 5.0]), jnp.array([1.0, 1.0, 3.0])))
   assert 1.0 < heavy <= 5.0
-  assert float(detect.weighted_median(jnp.array([0.0, 1.0, 5.0]), jnp.array([1.0, 1.0, 0.0]))) == 0.5
+  assert float(robust.weighted_median(jnp.array([0.0, 1.0, 5.0]), jnp.array([1.0, 1.0, 0.0]))) == 0.5
 
 
 def test_sampling_floors_follow_the_degrees_of_freedom():

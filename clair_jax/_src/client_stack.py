@@ -26,6 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clair_jax._src import robust
+
 
 class DenseClients(NamedTuple):
   """Client updates as a dense ``(K, m, n)`` stack."""
@@ -45,7 +47,7 @@ class DenseClients(NamedTuple):
 
   def finite(self) -> jax.Array:
     """``(K,)`` bool: every entry of ``X_k`` is finite."""
-    return jnp.all(jnp.isfinite(self.updates), axis=(1, 2))
+    return robust.finite_clients(self.updates)
 
   def masked(self, keep: jax.Array) -> DenseClients:
     """Clients outside ``keep`` set to zero."""
@@ -112,8 +114,7 @@ class FactoredClients(NamedTuple):
     return FactoredClients(self.left.astype(dtype), self.right.astype(dtype))
 
   def finite(self) -> jax.Array:
-    return (jnp.all(jnp.isfinite(self.left), axis=(1, 2))
-            & jnp.all(jnp.isfinite(self.right), axis=(1, 2)))
+    return robust.finite_clients(self.left) & robust.finite_clients(self.right)
 
   def masked(self, keep: jax.Array) -> FactoredClients:
     keep = keep[:, None, None]

@@ -26,11 +26,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clair_jax._src.robust import robust_threshold
+from clair_jax._src.robust import weighted_median
 from clair_jax._src.subspace import fit_columns
 from clair_jax._src.subspace import subspace_coefficients
 
-# Consistency constant turning a median absolute deviation into a Gaussian std.
-MAD_TO_STD = 1.4826
 # Spectral-tail energy below this fraction of a client's energy is round-off, not noise.
 TAIL_FRACTION_FLOOR = 1e-5
 # A squared singular value below this fraction of the client's energy is round-off.
@@ -47,23 +47,6 @@ def noise_width(width, n: int, rank: int):
   if width is None:
     return jnp.asarray(float(n))
   return jnp.clip(width, rank + 1, n)
-
-
-def masked_quantile(values: jax.Array, mask: jax.Array, quantile: float) -> jax.Array:
-  """Linear-interpolated ``quantile`` of ``values[mask]`` with a static shape."""
-  count = jnp.sum(mask)
-  ordered = jnp.sort(jnp.where(mask, values, jnp.inf))
-  position = quantile * jnp.maximum(count - 1, 0)
-  low = jnp.floor(position).astype(jnp.int32)
-  high = jnp.minimum(low + 1, jnp.maximum(count - 1, 0))
-  weight = position - low
-  value = (1 - weight) * ordered[low] + weight * jnp.where(weight > 0, ordered[high], 0.0)
-  return jnp.where(count > 0, value, 0.0)
-
-
-def masked_median(values: jax.Array, mask: jax.Array) -> jax.Array:
-  """Median of ``values[mask]`` with a static shape (``mask`` may be traced)."""
-  return masked_quantile(values, mask, 0.5)
 
 
 def smallest_sum(values: jax.Array, mask: jax.Array, count: jax.Array) -> jax.Array:
@@ -89,24 +72,6 @@ def majority_mass(weights: jax.Array) -> jax.Array:
   weights)."""
   total = jnp.sum(weights)
   return jnp.minimum(jnp.floor(total / 2) + 1, total)
-
-
-def weighted_median(values: jax.Array, weights: jax.Array) -> jax.Array:
-  """Median of ``values`` under nonnegative ``weights`` (zero weight: left out).
-
-  Each value stands at the centre of its weight on a line of total length ``W``; the
-  median interpolates at ``W / 2``. With 0/1 weights it is the usual median of the
-  weighted values (:func:`masked_median`).
-  """
-  valid = weights > 0
-  order = jnp.argsort(jnp.where(valid, values, jnp.inf))
-  ordered, mass = values[order], jnp.where(valid, weights, 0.0)[order]
-  cumulative = jnp.cumsum(mass)
-  total = cumulative[-1]
-  largest = jnp.max(jnp.where(valid, values, -jnp.inf))
-  centres = jnp.where(mass > 0, cumulative - mass / 2, total)
-  ordered = jnp.where(mass > 0, ordered, largest)
-  return jnp.where(total > 0, jnp.interp(total / 2, centres, ordered), 0.0)
 
 
 def weighted_smallest_sum(values: jax.Array, weights: jax.Array, mass: jax.Array) -> jax.Array:
@@ -520,20 +485,6 @@ def sampling_floors(m: int, n, rank: int) -> tuple[jax.Array, jax.Array]:
   residual = jnp.exp(FLOOR_DEVIATIONS / jnp.sqrt(2 * d))
   structure = jnp.exp(FLOOR_DEVIATIONS * jnp.sqrt(1 / (2 * d) + 1 / (2 * d_tail)))
   return residual, structure
-
-
-def robust_threshold(scores, benign, threshold_ratio, mad_multiplier, weights=None):
-  """``max(rho, exp(med_B log s + z * 1.4826 * MAD_B(log s)))``.
-
-  Scores are ratios (benign median ~1) and benign clients differ multiplicatively (one
-  client's noise twice another's), so the band is set on the log scale: it reduces to the
-  floor ``rho`` when benign clients agree and widens as they spread.
-  """
-  logs = jnp.log(jnp.maximum(scores, jnp.finfo(scores.dtype).tiny))
-  weights = benign.astype(scores.dtype) if weights is None else jnp.where(benign, weights, 0.0)
-  centre = weighted_median(logs, weights)
-  spread = MAD_TO_STD * weighted_median(jnp.abs(logs - centre), weights)
-  return jnp.maximum(threshold_ratio, jnp.exp(centre + mad_multiplier * spread))
 
 
 def score_split(

@@ -14,6 +14,7 @@ import numpy as np
 from clair_jax._src import client_stack
 from clair_jax._src import detect
 from clair_jax._src import refine as refine_lib
+from clair_jax._src import robust
 from clair_jax._src import solver
 from clair_jax._src import svt
 from clair_jax._src import validate
@@ -573,7 +574,7 @@ def clair_dense(updates, rank: int | None = None, *, client_weights=None,
     updates = jnp.swapaxes(updates, 1, 2)
   traced = validate.is_traced(updates)
   if not traced:
-    validate.check_any_finite(jnp.all(jnp.isfinite(updates), axis=(1, 2)), updates.shape,
+    validate.check_any_finite(robust.finite_clients(updates), updates.shape,
                               "updates")
   if rank is None:
     if traced:
@@ -645,10 +646,10 @@ def _normalise(updates: jax.Array):
   """
   dtype = validate.compute_dtype(updates.dtype)
   x = updates.astype(dtype)
-  finite = jnp.all(jnp.isfinite(x), axis=(1, 2))
+  finite = robust.finite_clients(x)
   x = jnp.where(finite[:, None, None], x, 0.0)
   largest = jnp.max(jnp.abs(x), axis=(1, 2))
-  magnitude = detect.masked_median(largest, finite & (largest > 0))
+  magnitude = robust.masked_median(largest, finite & (largest > 0))
   magnitude = jnp.where(magnitude > 0, magnitude, jnp.max(largest))
   magnitude = jnp.where(magnitude > 0, magnitude, 1.0)
   scaled = x / magnitude
@@ -656,7 +657,7 @@ def _normalise(updates: jax.Array):
   scaled = jnp.where(active[:, None, None], scaled, 0.0)
   x = jnp.where(active[:, None, None], x, 0.0)
   norms = safe_norm(scaled, axis=(1, 2))
-  norm_scale = detect.masked_median(norms, active)
+  norm_scale = robust.masked_median(norms, active)
   norm_scale = jnp.where(norm_scale > 0, norm_scale, jnp.max(norms))
   norm_scale = jnp.where(norm_scale > 0, norm_scale, 1.0)
   return x, scaled / norm_scale, active, magnitude * norm_scale

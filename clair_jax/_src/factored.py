@@ -56,6 +56,7 @@ import jax.numpy as jnp
 
 from clair_jax._src import client_stack
 from clair_jax._src import estimator
+from clair_jax._src import robust
 from clair_jax._src import validate
 
 
@@ -210,7 +211,7 @@ def reduce_factored(factored: FactoredUpdates) -> Reduction:
   dtype = validate.compute_dtype(jnp.result_type(factored.left.dtype, factored.right.dtype))
   left = factored.left.astype(dtype)
   right = factored.right.astype(dtype)
-  active = jnp.all(jnp.isfinite(left), axis=(1, 2)) & jnp.all(jnp.isfinite(right), axis=(1, 2))
+  active = robust.finite_clients(left) & robust.finite_clients(right)
   left = jnp.where(active[:, None, None], left, 0.0)
   right = jnp.where(active[:, None, None], right, 0.0)
   basis, coefficients = reduce_columns(left)                          # (m, p), Q^T A_k
@@ -309,8 +310,8 @@ def clair_factored(factored: FactoredUpdates, rank: int | None = None, *,
   client_weights = validate.check_client_weights(client_weights, num_clients,
                                                  factored.left.dtype)
   if not traced:
-    validate.check_any_finite(jnp.all(jnp.isfinite(factored.left), axis=(1, 2))
-                              & jnp.all(jnp.isfinite(factored.right), axis=(1, 2)),
+    validate.check_any_finite(robust.finite_clients(factored.left)
+                              & robust.finite_clients(factored.right),
                               factored.shape, "factors")
   if rank is None:
     if traced:

@@ -60,14 +60,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from clair_jax._src import client_stack
-from clair_jax._src import detect
 from clair_jax._src import estimator
 from clair_jax._src import factored
+from clair_jax._src import robust
 from clair_jax._src import validate
 
 # The robust cut on joint scores: median + MAD_MULTIPLIER * 1.4826 * MAD, capped at 1.
 MAD_MULTIPLIER = 3.0
-MAD_TO_STD = 1.4826
 # Floor on a normalised score before its log (a score of exactly 0 would give -inf).
 SCORE_FLOOR = 1e-12
 
@@ -119,7 +118,7 @@ def robust_cut(joint, *, mad_multiplier: float = MAD_MULTIPLIER) -> float:
   if values.size == 0:
     return 1.0
   med = np.median(values)
-  mad = MAD_TO_STD * np.median(np.abs(values - med))
+  mad = robust.MAD_TO_STD * np.median(np.abs(values - med))
   return float(min(1.0, med + mad_multiplier * mad))
 
 
@@ -335,7 +334,7 @@ def refine_module(left, right, benign, rank: int,
   clients = client_stack.FactoredClients(left_reduced / left_scale, right_reduced / right_scale)
   norms = jnp.sqrt(clients.sq_norms())
   everyone = jnp.ones((num_clients,), bool)
-  median = detect.masked_median(norms, everyone)
+  median = robust.masked_median(norms, everyone)
   median = jnp.where(median > 0, median, jnp.max(norms))
   median = jnp.where(median > 0, median, 1.0)
   x_n = clients.scaled(1.0 / median)

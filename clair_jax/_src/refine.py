@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clair_jax._src import client_stack
+from clair_jax._src import robust
 
 # Robust z-score (Gaussian 0.999 quantile) above which a client's deviation norm is clipped
 # in the between-client scatter (Huber-type weights): benign clients are almost never
@@ -53,7 +54,6 @@ MEDIAN_ITERS = 64
 HUBER_ITERS = 16
 # Quadrature nodes for the Marchenko-Pastur median (initial noise estimate).
 _MP_NODES = 512
-_MAD_TO_SD = 1.482602218505602  # 1 / Phi^{-1}(3/4)
 
 
 class Refinement(NamedTuple):
@@ -205,10 +205,7 @@ def huber_weights(distances_to, weights: jax.Array, iters: int = HUBER_ITERS) ->
   keep = weights > 0
   tiny = jnp.finfo(weights.dtype).tiny
   start = geometric_median_weights(distances_to, weights)
-  dist0 = distances_to(start)
-  med = _masked_median(dist0, keep)
-  mad = _masked_median(jnp.abs(dist0 - med), keep)
-  radius = med + CLIP_Z * _MAD_TO_SD * mad
+  radius = robust.upper_fence(distances_to(start), keep, CLIP_Z)
 
   def step(_, c):
     dist = distances_to(c)
@@ -264,15 +261,10 @@ def huber_centre(points: jax.Array, weights: jax.Array, iters: int = HUBER_ITERS
           @ flat).reshape(points.shape[1:])
 
 
-def _masked_median(values, mask):
-  out = jnp.nanmedian(jnp.where(mask, values, jnp.nan))
-  return jnp.where(jnp.isfinite(out), out, 0.0)
-
-
 def _level(level, benign, dtype):
   """A noise std: a scalar (NaN: not given), or the benign median of a ``(K,)`` one."""
   level = jnp.asarray(level, dtype)
-  return level if level.ndim == 0 else _masked_median(level, benign)
+  return level if level.ndim == 0 else robust.masked_median(level, benign)
 
 
 def _chi2_median_ratio(dof):
@@ -535,7 +527,7 @@ def _refine(updates, benign, noise_level, subspace_noise, rank, strength, *, max
     residual = jnp.maximum(norms_sq - jnp.sum(jnp.square(coef), axis=(1, 2)), 0.0)
     rf = r.astype(dtype)
     dof = jnp.maximum((m - rf) * (n - rf / count_safe), 1.0)
-    return jnp.sqrt(_masked_median(residual, stats) / (dof * _chi2_median_ratio(dof)))
+    return jnp.sqrt(robust.masked_median(residual, stats) / (dof * _chi2_median_ratio(dof)))
 
   # Estimated noise (used where none is given, NaN): first Gavish-Donoho's median
   # eigenvalue of X X^T against q sigma^2 times the Marchenko-Pastur median, then the
@@ -614,10 +606,7 @@ def _refine(updates, benign, noise_level, subspace_noise, rank, strength, *, max
 
   if strength is None:  # "auto"
     energy = jnp.sum(jnp.square(jnp.where(stats[:, None, None], deviations, 0.0)), axis=(1, 2))
-    radius = jnp.sqrt(energy)
-    med = _masked_median(radius, stats)
-    mad = _masked_median(jnp.abs(radius - med), stats)
-    bound = med + CLIP_Z * _MAD_TO_SD * mad
+    bound = robust.upper_fence(jnp.sqrt(energy), stats, CLIP_Z)
     weights = jnp.where(stats, jnp.minimum(1.0, jnp.square(bound) / jnp.maximum(
         energy, jnp.finfo(dtype).tiny)), 0.0)
     scatter = jnp.einsum("k,kwn,kvn->wv", weights, deviations, deviations)
