@@ -2,7 +2,8 @@
 
 Also checks the pieces the runs rely on: the checkpoint round trip (the reloaded base
 model and adapters reproduce the report's numbers), the joint verdict rule, and that
-CLAIR's refined LoRA adapters equal the dense refined update.
+CLAIR's factored refine through the core, served as LoRA adapters, equals the core's dense
+refine of the same updates.
 """
 
 import json
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import clair_jax
 from clair_jax import cli as main_cli
 from clair_jax.text_copy import checkpoint as ckpt
 from clair_jax.text_copy import data as data_lib
@@ -163,30 +165,90 @@ def test_joint_verdict_rule():
     fed_lib.joint_verdict(scores, np.array([1.0, 2.0]))
 
 
-def test_refined_adapters_are_lora_and_match_dense():
-  key = jax.random.key(0)
-  basis = jnp.linalg.qr(jax.random.normal(key, (12, 2)))[0]
-  coeffs = jax.random.normal(jax.random.key(1), (6, 2, 5))
-  oriented = jnp.einsum("mr,krn->kmn", basis, coeffs)
-  oriented = oriented + 0.01 * jax.random.normal(jax.random.key(2), oriented.shape)
-  keep = np.array([True] * 5 + [False])
-  path = ("layers", 0, "attn", "q")
-  mats = {path: oriented}
-  for strength in ("auto", 0.0, 0.5, 1.0):
-    refinements = fed_lib.refine(mats, keep, strength)
-    (a, b), = fed_lib.refined_adapters(refinements, "out").values()
-    width = refinements[path].subspace.shape[-1]
+def _module(num_clients=7, m=12, q=2, n=5, seed=0):
+  """Oriented factors of one module: a shared 2-dim column space plus noise; the last client
+  sends NaN factors (the ``nan`` attack)."""
+  rng = np.random.default_rng(seed)
+  basis = np.linalg.qr(rng.normal(size=(m, 2)))[0]
+  left = np.einsum("mr,krq->kmq", basis, rng.normal(size=(num_clients, 2, q)))
+  left = left + 0.05 * rng.normal(size=left.shape)
+  right = rng.normal(size=(num_clients, q, n))
+  left[-1] = np.nan
+  return jnp.asarray(left, jnp.float32), jnp.asarray(right, jnp.float32)
+
+
+PATH = ("layers", 0, "attn", "q")
+STRENGTHS = ("auto", 0.0, 0.5, 1.0)
+
+
+def test_refined_adapters_match_the_core_dense_refine():
+  """The factored refine (core ``joint.refine_modules``) as LoRA adapters equals the core's
+  dense ``refine_updates`` on ``left_k right_k`` for every finite client, flagged or not; a
+  non-finite client gets the consensus."""
+  left, right = _module()
+  factors = {PATH: (left, right)}
+  keep = np.array([True] * 5 + [False] * 2)   # client 5 flagged, client 6 non-finite
+  dense = jnp.einsum("kmq,kqn->kmn", left, right)
+  for strength in STRENGTHS:
+    refinements = fed_lib.refine(factors, keep, 2, strength)
+    (a, b), = fed_lib.refined_adapters(refinements, factors, "out").values()
+    width = refinements[PATH].shared.shape[-1]
     # side="out": the weight delta is the transposed oriented update, (in, out) = (5, 12).
-    assert a.shape == (6, 5, width) and b.shape == (6, width, 12)
-    dense = fed_lib.orient(refinements[path].refined, "out")
-    np.testing.assert_allclose(jnp.einsum("kir,kro->kio", a, b)[:5], dense[:5], atol=1e-5)
-    np.testing.assert_allclose(b[0], b[3], atol=1e-6)  # the shared subspace side
-  # s = 1 is the projection: close to each client's own update (small noise only).
-  projection = fed_lib.refine(mats, keep, 1.0)[path].refined
-  assert float(jnp.abs(projection[:5] - oriented[:5]).max()) < 0.05
-  consensus = fed_lib.consensus_deltas(fed_lib.refine(mats, keep, "auto"), 6, "out")[path]
-  assert consensus.shape == (6, 5, 12)
-  np.testing.assert_allclose(consensus[0], consensus[5])
+    assert a.shape == (7, 5, width) and b.shape == (7, width, 12)
+    np.testing.assert_allclose(b[0], b[5], atol=1e-6)  # the shared subspace side
+    got = np.asarray(jnp.einsum("kir,kro->kio", a, b))
+    want = clair_jax.refine_updates(dense, jnp.asarray(keep), strength=strength)
+    want_left, want_right = clair_jax.refined_factors(want)
+    want = np.asarray(fed_lib.orient(jnp.einsum("kmw,kwn->kmn", want_left, want_right), "out"))
+    np.testing.assert_allclose(got[:6], want[:6], atol=2e-4)
+    consensus = fed_lib.consensus_adapters(refinements, 7, "out")[PATH]
+    np.testing.assert_allclose(got[6], np.asarray(consensus[0][0] @ consensus[1][0]),
+                               atol=1e-6)
+    assert np.all(np.isfinite(got))
+
+
+def test_with_strength_equals_a_refit_at_that_strength():
+  left, right = _module(seed=1)
+  factors = {PATH: (left, right)}
+  keep = np.array([True] * 6 + [False])
+  once = fed_lib.refine(factors, keep, 2, 1.0)
+  for s in STRENGTHS[1:]:
+    refit = fed_lib.refine(factors, keep, 2, s)
+    got = fed_lib.refined_adapters({PATH: fed_lib.with_strength(once[PATH], s)}, factors, "in")
+    want = fed_lib.refined_adapters(refit, factors, "in")
+    for x, y in zip(got[PATH], want[PATH]):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_client_noise_is_the_benign_median_of_the_reports():
+  """Per-client reported noise enters the core refine as its benign median."""
+  left, right = _module(seed=2)
+  factors = {PATH: (left, right)}
+  keep = np.array([True] * 5 + [False] * 2)
+  reports = np.array([0.1, 0.3, 0.2, 0.5, 0.4, 0.0, 0.0], np.float32)  # median over kept: 0.3
+  got = fed_lib.refine(factors, keep, 2, "auto", subspace_noise={PATH: reports})[PATH]
+  want = fed_lib.refine(factors, keep, 2, "auto",
+                        clair_options={"subspace_noise": 0.3})[PATH]
+  np.testing.assert_allclose(got.strength, want.strength, atol=1e-5)
+  np.testing.assert_allclose(got.centre, want.centre, atol=1e-5)
+
+
+def test_detect_leaves_out_non_finite_clients():
+  """A client with NaN factors is flagged (joint score +inf) and changes no other score."""
+  rng = np.random.default_rng(3)
+  factors = {}
+  for j in range(2):
+    left, right = _module(num_clients=9, seed=10 + j)
+    left = left.at[7].set(10.0 * jnp.asarray(rng.normal(size=left.shape[1:]), jnp.float32))
+    factors[("layers", 0, "attn", "qk"[j])] = (left, right)
+  verdict = fed_lib.detect(factors, 2)
+  assert verdict.contaminated[7] and verdict.contaminated[8]
+  assert not verdict.contaminated[:7].any()
+  assert np.isinf(verdict.joint_scores[8]) and np.isinf(verdict.module_scores[:, 8]).all()
+  finite = {p: (left[:8], right[:8]) for p, (left, right) in factors.items()}
+  alone = fed_lib.detect(finite, 2)
+  np.testing.assert_allclose(verdict.module_scores[:, :8], alone.module_scores, rtol=1e-6)
+  np.testing.assert_array_equal(verdict.contaminated[:8], alone.contaminated)
 
 
 def test_split_half_noise_recovers_the_full_data_noise():
@@ -195,25 +257,16 @@ def test_split_half_noise_recovers_the_full_data_noise():
   rng = np.random.default_rng(0)
   num_clients, m, n, sigma = 40, 16, 6, 0.05
   basis = np.linalg.qr(rng.normal(size=(m, 3)))[0]
-  full = np.einsum("mr,krn->kmn", basis, rng.normal(size=(num_clients, 3, n)))
+  left = np.broadcast_to(basis, (num_clients, m, 3))
+  coefficients = rng.normal(size=(num_clients, 3, n))
+  full = np.einsum("kmr,krn->kmn", left, coefficients)
   path = ("layers", 0, "mlp", "up")
-  refinements = fed_lib.refine({path: jnp.asarray(full, jnp.float32)},
-                               np.ones(num_clients, bool), "auto")
-  halves = [full + np.sqrt(2) * sigma * rng.normal(size=full.shape) for _ in range(2)]
-  noise = fed_lib.split_half_noise(refinements, {path: jnp.asarray(halves[0])},
-                                   {path: jnp.asarray(halves[1])})[path]
+  factors = {path: (jnp.asarray(left, jnp.float32), jnp.asarray(coefficients, jnp.float32))}
+  refinements = fed_lib.refine(factors, np.ones(num_clients, bool), 3, "auto")
+  # a dense half-data update D as factors: left = D, right = I
+  eye = jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), (num_clients, n, n))
+  halves = [{path: (jnp.asarray(full + np.sqrt(2) * sigma * rng.normal(size=full.shape),
+                                jnp.float32), eye)} for _ in range(2)]
+  noise = fed_lib.split_half_noise(refinements, *halves)[path]
   assert noise.shape == (num_clients,)
   np.testing.assert_allclose(np.median(np.asarray(noise)), sigma, rtol=0.15)
-
-
-def test_with_strength_equals_a_refit_at_that_strength():
-  rng = np.random.default_rng(1)
-  updates = jnp.asarray(rng.normal(size=(9, 10, 4)), jnp.float32)
-  keep = np.array([True] * 7 + [False] * 2)
-  path = ("layers", 0, "attn", "v")
-  once = fed_lib.refine({path: updates}, keep, 1.0)[path]
-  for s in (0.0, 0.3, 1.0):
-    refit = fed_lib.refine({path: updates}, keep, s)[path]
-    for got, want in zip(fed_lib.refined_factors(fed_lib.with_strength(once, s)),
-                         fed_lib.refined_factors(refit)):
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -1,10 +1,10 @@
 """Per-client evaluation of every method and detection metrics.
 
-Dense methods (``base``, ``local``, the global rules, ``clair_consensus``) are evaluated
-by merging client ``k``'s update into the kernels, ``W + Delta_k``, with zero adapters.
-CLAIR's refinements are evaluated through their refined *LoRA adapters* (shared subspace
-on one side, per-client coefficients on the other); a flagged client keeps its own dense
-update. ``local_large_data`` is evaluated through the adapters trained on the large data.
+Dense methods (``base``, ``local``, the global rules) are evaluated by merging client
+``k``'s update into the kernels, ``W + Delta_k``, with zero adapters. CLAIR's refinements
+(``clair_consensus`` included) are evaluated through their refined *LoRA adapters* (shared
+subspace on one side, per-client coefficients on the other), flagged clients included.
+``local_large_data`` is evaluated through the adapters trained on the large data.
 Everything is vmapped over the client axis inside one jit per structure.
 
 The federated evaluation round of CLAIR's refinement strength: every client evaluates its

@@ -11,12 +11,13 @@ which is what breaks FedAvg. On ``copy`` every benign client needs nearly the sa
 change, so robust *global* rules pool well; on ``skills`` clients need different maps
 built from 3 shared skills, so no global rule can serve them.
 
-CLAIR here is: detection per module with one joint verdict across modules
-(``federation.joint_verdict``), then per module the core refinement
-(:func:`clair_jax.refine_updates`): partial pooling of the kept clients'
-in-subspace coefficients toward a robust centre, ``U (C_bar + s (C_k - C_bar))``, as
-LoRA adapters. Every client is served its refined adapter, flagged ones included: a
-flagged client's update never enters the statistics (subspace, centre, strength), but a
+CLAIR here is the core's whole-model pipeline on the factored LoRA updates
+(``federation``: :mod:`clair_jax._src.joint`, as :func:`clair_jax.aggregate_adapters`):
+detection per module with one joint verdict across modules, then per module the core
+refinement with that benign set: partial pooling of the kept clients' in-subspace
+coefficients toward a robust centre, ``U ((1 - s) C_bar + s C_k)``, as LoRA adapters.
+Every client is served its refined adapter, flagged ones included: a flagged client's
+update never enters the statistics (subspace, centre, strength), but a
 benign client flagged by mistake then loses only its influence, not the federation's
 pooling (an attacker gets its own update projected and pulled to the centre, which harms
 nobody else). The strength ``s`` comes either from the server alone
@@ -199,7 +200,8 @@ def half_data_updates(config: ExperimentConfig, fed, graphdef, params, lora_init
   """Every client's two adapters trained on the two halves of its training data.
 
   Returns:
-    ``(half_a, half_b)``: ``{path: (K, in, out)}`` weight deltas of each half.
+    ``(half_a, half_b)``: ``{path: (left, right)}`` oriented factored updates of each half
+    (``federation.module_factors``).
   """
   half = fed.train.shape[1] // 2
   if half < 1:
@@ -210,27 +212,33 @@ def half_data_updates(config: ExperimentConfig, fed, graphdef, params, lora_init
                      jax.random.split(key)):
     lora, _ = trainer_lib.local_train(graphdef, params, lora_init, jnp.asarray(part),
                                       config=config.local, key=k, progress=progress)
-    out.append(fed_lib.module_updates(nnx.to_pure_dict(lora), paths))
+    out.append(fed_lib.module_factors(nnx.to_pure_dict(lora), paths, config.side))
   return tuple(out)
 
 
-def evaluation_round(config, fed, graphdef, lora_template, params, mats, keep):
+def at_strength(refinements: dict, strength: float) -> dict:
+  """``{path: ModuleRefinement}`` at another fixed strength (``federation.with_strength``)."""
+  return {p: fed_lib.with_strength(r, strength) for p, r in refinements.items()}
+
+
+def evaluation_round(config, fed, graphdef, lora_template, params, factors, fixed, keep):
   """The federated evaluation round of the refinement strength (see the module docstring).
 
   Args:
     config, fed: the run's configuration and data (``fed.val`` is each client's
       validation split; ``~fed.benign`` are the clients that lie).
     graphdef, lora_template, params: model parts.
-    mats: ``{path: (K, m, n)}`` oriented updates.
+    factors: ``{path: (left, right)}`` the factored updates handed to CLAIR.
+    fixed: ``{path: ModuleRefinement}`` the refinement with the benign set ``keep`` at a
+      fixed strength: every candidate is read from it (:func:`at_strength`).
     keep: ``(K,)`` bool, the clients the server keeps (refined, and whose reports count).
 
   Returns:
     ``(strength, reported (K, S))``.
   """
   candidates = np.asarray(config.strength_candidates, np.float32)
-  fixed = fed_lib.refine(mats, keep, 1.0)  # one fit; every candidate from its factors
-  adapters_at = lambda s: fed_lib.refined_adapters(
-      {p: fed_lib.with_strength(r, s) for p, r in fixed.items()}, config.side)
+  adapters_at = lambda s: fed_lib.refined_adapters(at_strength(fixed, s), factors,
+                                                   config.side)
   honest = eval_lib.strength_losses(graphdef, lora_template, params, fed.val, adapters_at,
                                     candidates, config.round_metric)
   reported = eval_lib.lie(honest, candidates, ~fed.benign)
@@ -246,11 +254,11 @@ def run_experiment(
 
   Steps: generate data (``data.make_federation``); pre-train the base model on base-token
   copies; train every client's LoRA adapter at once (vmapped); replace update attackers'
-  adapters; per module, run CLAIR's detection and the global rules on ``D_k = A_k B_k``;
-  refine (server-only strength, then the evaluation round on the validation splits, then
-  with the clients' split-half noise); train the ``local_large_data`` reference; evaluate
-  every method on each client's held-out test split; detection metrics of CLAIR's joint
-  verdict.
+  adapters; per module, run CLAIR's detection (factored, ``D_k = left_k right_k``) and the
+  global rules (dense ``A_k B_k``); refine (server-only strength, then the evaluation round
+  on the validation splits, then with the clients' split-half noise); train the
+  ``local_large_data`` reference; evaluate every method on each client's held-out test
+  split; detection metrics of CLAIR's joint verdict.
 
   Args:
     config: ``ExperimentConfig``.
@@ -302,50 +310,54 @@ def run_experiment(
     ckpt.save_state(os.path.join(out_dir, "base_model.npz"), params, meta)
     ckpt.save_state(os.path.join(out_dir, "client_adapters.npz"), lora_pure, meta)
 
-  updates = fed_lib.module_updates(lora_pure, paths)
   num_bad = int(np.sum(~fed.benign))
-  agg = fed_lib.aggregate(updates, rank=config.clair_rank, benign=fed.benign,
+  agg = fed_lib.aggregate(lora_pure, paths, rank=config.clair_rank, benign=fed.benign,
                           num_byzantine=num_bad, side=config.side, key=k_rules)
   timing.update(agg.timing)
   flagged = agg.verdict.contaminated
+  factors, rank = agg.factors, config.clair_rank
+  adapters = lambda refinements: fed_lib.refined_adapters(refinements, factors, config.side)
 
-  # The federated evaluation round (for the detected set and for the true benign set).
+  # The federated evaluation round (for the detected set and for the true benign set): one
+  # fixed-strength refinement each, every candidate strength read from it. s = 1 is also
+  # the row clair_projection.
   t0 = time.perf_counter()
-  s_round, reported = evaluation_round(config, fed, graphdef, lora0, params, agg.mats,
-                                       ~flagged)
-  s_true, _ = evaluation_round(config, fed, graphdef, lora0, params, agg.mats, fed.benign)
+  projection = fed_lib.refine(factors, ~flagged, rank, 1.0)
+  true_fixed = fed_lib.refine(factors, fed.benign, rank, 1.0)
+  s_round, reported = evaluation_round(config, fed, graphdef, lora0, params, factors,
+                                       projection, ~flagged)
+  s_true, _ = evaluation_round(config, fed, graphdef, lora0, params, factors, true_fixed,
+                               fed.benign)
   timing["evaluation_round_s"] = time.perf_counter() - t0
   detected, true_benign = agg.refinements["detected"], agg.refinements["true_benign"]
   if config.strength_mode == "evaluation_round":
     other_name = "clair_server_only"
-    clair_ref = fed_lib.refine(agg.mats, ~flagged, s_round)
+    clair_ref = at_strength(projection, s_round)
     other_ref = detected
-    true_ref = fed_lib.refine(agg.mats, fed.benign, s_true)
+    true_ref = at_strength(true_fixed, s_true)
   else:
     other_name = "clair_evaluation_round"
     clair_ref = detected
-    other_ref = fed_lib.refine(agg.mats, ~flagged, s_round)
+    other_ref = at_strength(projection, s_round)
     true_ref = true_benign
   lowrank = {
-      "clair": fed_lib.refined_adapters(clair_ref, config.side),
-      other_name: fed_lib.refined_adapters(other_ref, config.side),
-      "clair_projection": fed_lib.refined_adapters(
-          fed_lib.refine(agg.mats, ~flagged, 1.0), config.side),
-      "clair_true_benign": fed_lib.refined_adapters(true_ref, config.side),
+      "clair_consensus": fed_lib.consensus_adapters(detected, num_clients, config.side),
+      "clair": adapters(clair_ref),
+      other_name: adapters(other_ref),
+      "clair_projection": adapters(projection),
+      "clair_true_benign": adapters(true_ref),
   }
   dense = dict(agg.deltas)
-  dense["clair_consensus"] = fed_lib.consensus_deltas(detected, num_clients, config.side)
 
   if config.split_noise:
     t0 = time.perf_counter()
     half_a, half_b = half_data_updates(config, fed, graphdef, params, lora_init, key=k_half,
                                        progress=progress)
-    orient = lambda d: {p: fed_lib.orient(u, config.side) for p, u in d.items()}
-    noise = fed_lib.split_half_noise(detected, orient(half_a), orient(half_b))
+    noise = fed_lib.split_half_noise(detected, half_a, half_b)
     liars = jnp.asarray(~fed.benign)
     noise = {p: jnp.where(liars, 0.0, v) for p, v in noise.items()}
-    client_noise_ref = fed_lib.refine(agg.mats, ~flagged, "auto", subspace_noise=noise)
-    lowrank["clair_client_noise"] = fed_lib.refined_adapters(client_noise_ref, config.side)
+    client_noise_ref = fed_lib.refine(factors, ~flagged, rank, "auto", subspace_noise=noise)
+    lowrank["clair_client_noise"] = adapters(client_noise_ref)
     timing["split_noise_s"] = time.perf_counter() - t0
 
   if config.large_data:
@@ -354,7 +366,9 @@ def run_experiment(
                                     key=k_large, progress=progress)
     timing["large_data_s"] = time.perf_counter() - t0
 
-  order = ("clair", other_name, "clair_client_noise", "clair_projection", "clair_true_benign")
+  # the consensus first: the report lists the dense rules, the consensus, then clair
+  order = ("clair_consensus", "clair", other_name, "clair_client_noise", "clair_projection",
+           "clair_true_benign")
   lowrank = {m: lowrank[m] for m in order if m in lowrank}
   t0 = time.perf_counter()
   per_client = eval_lib.evaluate_methods(graphdef, lora0, params, fed.test, dense=dense,
@@ -391,7 +405,7 @@ def run_experiment(
           # directions of each module
           "strength_auto": {n: _mean_strength(detected[p]) for n, p in zip(names, paths)},
           "rank": {n: int(detected[p].rank) for n, p in zip(names, paths)},
-          "width": {n: int(detected[p].subspace.shape[-1]) for n, p in zip(names, paths)},
+          "width": {n: int(detected[p].shared.shape[-1]) for n, p in zip(names, paths)},
           "saturated": {n: bool(detected[p].saturated) for n, p in zip(names, paths)},
           "noise_level": {n: float(detected[p].noise_level) for n, p in zip(names, paths)},
           **({"strength_client_noise": {n: _mean_strength(client_noise_ref[p])
