@@ -68,3 +68,22 @@ def test_public_surface_is_the_package_init():
   for name in clair_jax.__all__:
     assert hasattr(clair_jax, name), name
   assert clair_jax.clair.__module__ == "clair_jax._src.api"
+
+
+def test_clair_core_runs_named_stages():
+  """clair_core is a short sequence of stage functions, each returning a NamedTuple."""
+  import inspect
+  import typing
+
+  from clair_jax._src import estimator
+
+  stages = ("_normalise", "robust_start_stage", "calibrate_weights_stage", "decompose_stage",
+            "detect_stage", "refine_stage", "_result")
+  source = inspect.getsource(estimator.clair_core)
+  body = source[source.index('"""', source.index('"""') + 3) + 3:]
+  for name in stages:
+    assert f"{name}(" in body, name
+  assert len([line for line in body.splitlines() if line.strip()]) <= 30
+  for name in stages[1:-1]:
+    returned = typing.get_type_hints(getattr(estimator, name))["return"]
+    assert issubclass(returned, tuple) and hasattr(returned, "_fields"), (name, returned)

@@ -1,4 +1,9 @@
-"""The CLAIR estimator: validate -> decompose -> detect -> subspace -> refine -> result."""
+"""The CLAIR estimator on dense updates, stage by stage.
+
+validate (:func:`clair_dense`, once) -> normalise -> robust start -> calibrate weights ->
+decompose -> detect (with the subspace fit) -> refine -> result; :func:`clair_core` calls
+one short function per stage and passes NamedTuples between them.
+"""
 
 from __future__ import annotations
 
@@ -677,10 +682,108 @@ def _robust_split(x_n, active, rank, opts: ClairOptions):
       mad_multiplier=opts.mad_multiplier, scale_floor=opts.scale_floor)
 
 
+class Normalised(NamedTuple):
+  """Stage 1: the updates made safe and scale-free (:func:`_normalise`)."""
+
+  x: jax.Array            # (K, m, n) compute dtype, non-finite clients zeroed
+  x_n: jax.Array          # x / data_scale
+  active: jax.Array       # (K,) bool, finite clients whose squared norm fits the dtype
+  data_scale: jax.Array   # scalar, median client scale
+
+
+class RobustStart(NamedTuple):
+  """Stage 2: the best split from the robust starts (consensus and its complement)."""
+
+  split: detect.Split
+  take_complement: jax.Array  # bool, the complement's split won
+
+
+class ConvexWeights(NamedTuple):
+  """Stage 3: the convex program's weights, calibrated on the robust start's residual."""
+
+  lam_low_rank: jax.Array     # nuclear weight (normalised units)
+  lam_sparse: jax.Array       # group weight (normalised units)
+  group_weights: jax.Array    # (K,) w_k, zero for inactive clients
+
+
+class Verdict(NamedTuple):
+  """Stage 5: the convex verdict, the trimming from it, and the winning split."""
+
+  split: detect.Split          # benign set, scores, thresholds, subspace (stage 6's fit)
+  convex_benign: jax.Array     # (K,) bool, clients with S_k = 0
+  use_robust: jax.Array        # bool, the robust start's split won over the convex one
+
+
+def robust_start_stage(clients: detect.Clients, spectra, trim, rank: int,
+                       num_candidates: int) -> RobustStart:
+  """Consensus start (the client-count majority subspace) and its complement (the clients
+  that subspace explains worst: a benign majority whose signal is weaker than a coherent
+  group's), each trimmed; the better explanation of a majority wins."""
+  consensus = trim(detect.consensus_start(clients, rank, num_candidates, own_left=spectra.left))
+  unexplained = detect.unexplained_fraction(clients.columns, consensus.subspace,
+                                            energy=clients.energy)
+  majority = detect.majority_mass(clients.weights)
+  complement = trim(detect.weighted_smallest_mask(-unexplained, clients.weights, majority))
+  return RobustStart(detect.select_split(consensus, complement),
+                     ~detect.better_split(consensus, complement))
+
+
+def calibrate_weights_stage(start: RobustStart, normalised: Normalised, client_weights,
+                            dof, dims: tuple[int, int], opts: ClairOptions) -> ConvexWeights:
+  r"""``lambda_L = 1.1 sigma (sqrt(m) + sqrt(K n))`` just above the noise spectrum and
+  ``lambda_S = 1.5`` benign median residuals (unless given), from the robust start's
+  benign median residual (floored at ``convex_floor``)."""
+  m, n = dims
+  dtype = normalised.x.dtype
+  scale = jnp.maximum(start.split.scale, opts.convex_floor)
+  sigma = scale / jnp.sqrt(dof)
+  num_active = jnp.sum(normalised.active).astype(dtype)
+  lam_low_rank = (NOISE_EDGE_MARGIN * sigma * (jnp.sqrt(m * 1.0) + jnp.sqrt(num_active * n))
+                  if opts.lam_low_rank is None else opts.lam_low_rank / normalised.data_scale)
+  lam_sparse = (LAM_SPARSE_RATIO * scale
+                if opts.lam_sparse is None else opts.lam_sparse / normalised.data_scale)
+  group_weights = jnp.where(normalised.active, client_weights.astype(dtype), 0.0)
+  return ConvexWeights(lam_low_rank, lam_sparse, group_weights)
+
+
+def decompose_stage(clients: detect.Clients, weights: ConvexWeights, opts: ClairOptions,
+                    gather: bool) -> solver.DecompositionSolution:
+  """The convex split ``M = L + S + E`` (:func:`clair_jax.solve_decomposition`)."""
+  return solver.solve_columns(
+      clients.columns, weights.lam_low_rank, weights.lam_sparse * weights.group_weights,
+      tol=opts.tol, max_steps=opts.max_steps, continuation_factor=opts.continuation_factor,
+      svt_method=opts.svt_method, svt_width=opts.svt_width, gather=gather)
+
+
+def detect_stage(clients: detect.Clients, decomposition, start: RobustStart, trim,
+                 active, opts: ClairOptions) -> Verdict:
+  """Convex verdict (clients with ``S_k != 0``), trimming from it (or from the majority
+  with the smallest ``||S_k||`` when the convex benign set is not one), and the split
+  that explains a majority best, the robust start's included. Each split's subspace is
+  the rank-``r`` fit to its benign clients (the subspace stage, inside the trimming)."""
+  majority = detect.majority_mass(clients.weights)
+  sparse_norms = safe_norm(decomposition.sparse, axis=(1, 2))
+  convex_benign = active & (sparse_norms == 0)
+  convex_start = jnp.where(
+      jnp.sum(jnp.where(convex_benign, clients.weights, 0.0)) >= majority, convex_benign,
+      detect.weighted_smallest_mask(sparse_norms, clients.weights, majority))
+  convex_split = trim(convex_start)
+  if not opts.consensus:
+    return Verdict(convex_split, convex_benign, jnp.asarray(False))
+  return Verdict(detect.select_split(start.split, convex_split), convex_benign,
+                 ~detect.better_split(convex_split, start.split))
+
+
 def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
                weight_shape: tuple[int, int] | None = None, *,
                gather: bool = True, refine_clients=None) -> ClairResult:
   """The traced body of :func:`clair` (no validation; ``rank`` and ``opts`` static).
+
+  Stages, in order: normalise (:func:`_normalise`) -> robust start
+  (:func:`robust_start_stage`) -> calibrate weights (:func:`calibrate_weights_stage`) ->
+  decompose (:func:`decompose_stage`) -> detect and fit the subspace
+  (:func:`detect_stage`) -> refine (:func:`refine_stage`) -> result
+  (:func:`_result`).
 
   ``weight_shape`` is the ``(m, n)`` used in the noise degrees of freedom ``(m - r) n``
   and in the nuclear weight ``1.1 sigma (sqrt(m) + sqrt(K n))``; default
@@ -689,74 +792,51 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
   ``(K, p, q)`` blocks; with ``dense_weights=True`` it passes the dense ``(m, n)``, so the
   convex weights and the noise level are those of the dense problem. ``gather=False``
   (sharded clients) keeps the SVT off its SVD fallback, which would stack the clients.
+  ``refine_clients`` (factored path) are the clients the refine reads instead of the
+  normalised blocks (:class:`client_stack.FactoredClients`); ``refined`` is then rebuilt
+  by the caller.
   """
-  num_clients, m, n = updates.shape
+  _, m, n = updates.shape
   if weight_shape is not None:
     m, n = weight_shape
-  x, x_n, active, data_scale = _normalise(updates)
-  dtype = x.dtype
-  dof = jnp.asarray(max(m - rank, 1) * n, dtype)
-  fixed_scale = None
-  if opts.noise_level is not None:
-    fixed_scale = opts.noise_level * jnp.sqrt(dof) / data_scale
-
-  # Robust starts: the consensus, and its complement (the clients the consensus subspace
-  # explains worst), which finds a benign majority whose signal is weaker than a coherent
-  # group's. The better split's benign median residual calibrates the convex weights.
+  normalised = Normalised(*_normalise(updates))
+  dof = jnp.asarray(max(m - rank, 1) * n, normalised.x.dtype)
+  fixed_scale = (None if opts.noise_level is None
+                 else opts.noise_level * jnp.sqrt(dof) / normalised.data_scale)
   # One batched eigh gives each client's noise tail and its own subspace (the consensus
-  # candidates).
-  spectra = detect.client_spectra(x_n, rank)
-  # Every later step reads the column layout (m, K, n): one transpose, here.
-  clients = detect.prepare_clients(to_columns(x_n), active, spectra, rank, sketch=not gather)
+  # candidates); every later step reads the column layout (m, K, n): one transpose, here.
+  spectra = detect.client_spectra(normalised.x_n, rank)
+  clients = detect.prepare_clients(to_columns(normalised.x_n), normalised.active, spectra,
+                                   rank, sketch=not gather)
   trim = functools.partial(
       detect.concentrate, clients, rank=rank, max_steps=opts.max_trim_steps,
       threshold_ratio=opts.threshold_ratio, mad_multiplier=opts.mad_multiplier,
       scale_floor=opts.scale_floor, fixed_scale=fixed_scale)
-  h = detect.majority_mass(clients.weights)
-  consensus_split = trim(detect.consensus_start(clients, rank, _num_candidates(x_n, opts),
-                                               own_left=spectra.left))
-  unexplained = detect.unexplained_fraction(clients.columns, consensus_split.subspace,
-                                            energy=clients.energy)
-  complement_split = trim(detect.weighted_smallest_mask(-unexplained, clients.weights, h))
-  take_complement = ~detect.better_split(consensus_split, complement_split)
-  robust_split = detect.select_split(consensus_split, complement_split)
-  scale = jnp.maximum(robust_split.scale, opts.convex_floor)
-  sigma = scale / jnp.sqrt(dof)
-  num_active = jnp.sum(active).astype(dtype)
-  lam_low_rank = (NOISE_EDGE_MARGIN * sigma * (jnp.sqrt(m * 1.0) + jnp.sqrt(num_active * n))
-                  if opts.lam_low_rank is None else opts.lam_low_rank / data_scale)
-  lam_sparse = (LAM_SPARSE_RATIO * scale
-                if opts.lam_sparse is None else opts.lam_sparse / data_scale)
-  weights = jnp.where(active, client_weights.astype(dtype), 0.0)
-  decomposition = solver.solve_columns(
-      clients.columns, lam_low_rank, lam_sparse * weights, tol=opts.tol, max_steps=opts.max_steps,
-      continuation_factor=opts.continuation_factor, svt_method=opts.svt_method,
-      svt_width=opts.svt_width, gather=gather)
+  start = robust_start_stage(clients, spectra, trim, rank, _num_candidates(normalised.x_n, opts))
+  weights = calibrate_weights_stage(start, normalised, client_weights, dof, (m, n), opts)
+  decomposition = decompose_stage(clients, weights, opts, gather)
+  verdict = detect_stage(clients, decomposition, start, trim, normalised.active, opts)
+  benign = verdict.split.benign & normalised.active
+  refine_input = (normalised.x_n if refine_clients is None else
+                  refine_clients.masked(normalised.active).scaled(1.0 / normalised.data_scale))
+  refinement = refine_stage(refine_input, benign, clients.representative,
+                            verdict.split.subspace, opts, normalised.data_scale)
+  return _result(updates, normalised, start, weights, decomposition, verdict, refinement,
+                 clients.weights, dof, opts)
 
-  # Convex verdict, then trimming from it; keep the start that explains a majority best.
-  sparse_norms = safe_norm(decomposition.sparse, axis=(1, 2))
-  convex_benign = active & (sparse_norms == 0)
-  convex_start = jnp.where(jnp.sum(jnp.where(convex_benign, clients.weights, 0.0)) >= h,
-                           convex_benign,
-                           detect.weighted_smallest_mask(sparse_norms, clients.weights, h))
-  convex_split = trim(convex_start)
-  use_robust = opts.consensus & ~detect.better_split(convex_split, robust_split)
-  split = detect.select_split(robust_split, convex_split) if opts.consensus else convex_split
 
+def _result(updates, normalised: Normalised, start: RobustStart, weights: ConvexWeights,
+            decomposition, verdict: Verdict, refinement, duplicate_weights, dof,
+            opts: ClairOptions) -> ClairResult:
+  """Assembles :class:`ClairResult` in input units (``refined``: benign clients refined,
+  others as sent or projected; a placeholder for factored refine input)."""
+  x, x_n, active, data_scale = normalised
+  split = verdict.split
   benign = split.benign & active
-  contaminated = ~benign
-  if refine_clients is None:
-    refinement = refine_stage(x_n, benign, clients.representative, split.subspace, opts,
-                              data_scale)
-    pooled = refinement.refined * data_scale
+  if refinement.refined is None:  # factored refine: the caller rebuilds `refined`
+    pooled = x_n * data_scale
   else:
-    # The factored path: the same clients as factors in coordinates shared by every
-    # client on both sides (Q^T D_k P), where pooling is exact; `refined` is rebuilt by
-    # the caller from the factors.
-    refine_x = refine_clients.masked(active).scaled(1.0 / data_scale)
-    refinement = refine_stage(refine_x, benign, clients.representative, split.subspace,
-                              opts, data_scale)
-    pooled = x_n * data_scale  # placeholder of the right shape; the caller replaces it
+    pooled = refinement.refined * data_scale
   if opts.contaminated_output == "project":
     projected = project_onto_subspace(x, split.subspace)
     refined = jnp.where(benign[:, None, None], pooled,
@@ -765,10 +845,13 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
     refined = jnp.where(benign[:, None, None], pooled, x)
   refined = jnp.where(active[:, None, None], refined.astype(updates.dtype), updates)
   status = jnp.where(jnp.any(active), decomposition.status, solver.NO_FINITE_CLIENTS)
+  start_code = jnp.where(verdict.use_robust,
+                         jnp.where(start.take_complement, START_COMPLEMENT, START_CONSENSUS),
+                         START_CONVEX)
   return ClairResult(
-      contaminated=contaminated,
+      contaminated=~benign,
       scores=split.scores,
-      threshold=jnp.asarray(1.0, dtype),
+      threshold=jnp.asarray(1.0, x.dtype),
       residual_scores=split.residual_scores,
       structure_scores=split.structure_scores,
       thresholds=split.thresholds,
@@ -776,22 +859,21 @@ def clair_core(updates, client_weights, rank: int, opts: ClairOptions,
       refined=refined,
       low_rank=(decomposition.low_rank * data_scale).astype(updates.dtype),
       sparse=(decomposition.sparse * data_scale).astype(updates.dtype),
-      convex_contaminated=active & ~convex_benign,
+      convex_contaminated=active & ~verdict.convex_benign,
       noise_level=split.scale * data_scale / jnp.sqrt(dof),
-      lam_low_rank=lam_low_rank * data_scale,
-      lam_sparse=lam_sparse * data_scale,
+      lam_low_rank=weights.lam_low_rank * data_scale,
+      lam_sparse=weights.lam_sparse * data_scale,
       status=status.astype(jnp.int32),
       solver_steps=decomposition.num_steps,
       solver_residual=decomposition.residual,
       max_steps=jnp.asarray(opts.max_steps, jnp.int32),
       trim_steps=split.num_steps,
-      start=jnp.where(use_robust, jnp.where(take_complement, START_COMPLEMENT, START_CONSENSUS),
-                      START_CONVEX).astype(jnp.int32),
+      start=start_code.astype(jnp.int32),
       consensus=(refinement.consensus * data_scale).astype(updates.dtype),
       refine_subspace=refinement.subspace,
       refine_rank=refinement.rank,
       refine_strength=refinement.strength,
-      duplicate_weights=clients.weights,
+      duplicate_weights=duplicate_weights,
   )
 
 
