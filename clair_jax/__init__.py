@@ -1,5 +1,14 @@
 """clair_jax: robust federated low-rank update aggregation (CLAIR) in JAX."""
 
+import warnings as _warnings
+
+from clair_jax._src import threads as _threads
+
+try:  # jaxlib's CPU LAPACK on one OpenBLAS thread (see clair_jax._src.threads)
+  _threads.limit_lapack_threads()
+except ValueError as _error:
+  _warnings.warn(str(_error), stacklevel=2)
+
 from clair_jax._src.estimator import ClairOptions
 from clair_jax._src.estimator import ClairResult
 from clair_jax._src.estimator import DetectionOptions
