@@ -69,6 +69,7 @@ def test_larger_coherent_group_is_outvoted(boost):
   assert sin_theta(result.subspace, problem.basis) < 0.05
 
 
+@pytest.mark.slow   # the consensus=False program is compiled for this ablation alone
 def test_convex_program_alone_absorbs_a_coherent_group():
   """Why the trimming loop exists: the convex verdict misses the coherent group."""
   problem = make_problem(fraction=0.25, attack="coherent", rank=RANK, seed=41)
@@ -147,7 +148,8 @@ def test_row_side():
   assert sin_theta(result.subspace, problem.basis) < 1e-4
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+# bfloat16 stays in the default path; float16 (its own compile, same code path) is slow.
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)])
 def test_half_precision_is_computed_in_float32(dtype):
   problem = make_problem(fraction=0.25, noise=0.01, rank=RANK, seed=91)
   result = clair_jax.clair(jnp.asarray(problem.updates, dtype), RANK)
@@ -157,6 +159,7 @@ def test_half_precision_is_computed_in_float32(dtype):
   assert sin_theta(result.subspace, problem.basis) < 0.05
 
 
+@pytest.mark.slow   # a float64 program of its own (jax.enable_x64)
 def test_float64():
   problem = make_problem(fraction=0.25, rank=RANK, seed=92, dtype=np.float64)
   with jax.enable_x64(True):
@@ -165,12 +168,13 @@ def test_float64():
     assert sin_theta(result.subspace, problem.basis) < 1e-10
 
 
+# The next two at K = 40, 64 x 16, rank 4: the program test_robust_detection compiles.
 def test_benign_clients_with_different_noise_levels():
   """Noise levels spread 2x either way: the structure test still finds a coherent group."""
   rng = np.random.default_rng(5)
-  problem = make_problem(num_clients=30, m=64, n=16, rank=4, fraction=0.3, attack="coherent",
+  problem = make_problem(num_clients=40, m=64, n=16, rank=4, fraction=0.3, attack="coherent",
                          seed=5)
-  sigma = 0.1 * np.exp(rng.uniform(-np.log(2), np.log(2), size=30))
+  sigma = 0.1 * np.exp(rng.uniform(-np.log(2), np.log(2), size=40))
   updates = problem.truth + sigma[:, None, None] * rng.normal(size=problem.truth.shape)
   bad = problem.contaminated
   updates[bad] = problem.updates[bad] + 0.1 * rng.normal(size=updates[bad].shape)
@@ -183,7 +187,7 @@ def test_benign_clients_with_different_noise_levels():
 def test_large_coherent_group_when_benign_signal_is_below_noise():
   """40% attackers at 5x norms, benign signal weaker than noise per client: the subspace
   of the larger group holds no signal from the majority, and the complement start wins."""
-  problem = make_problem(num_clients=30, m=64, n=16, rank=4, fraction=0.4, attack="coherent",
+  problem = make_problem(num_clients=40, m=64, n=16, rank=4, fraction=0.4, attack="coherent",
                          attack_scale=5.0, noise=0.6, seed=8)
   result = clair_jax.clair(problem.updates, 4)
   np.testing.assert_array_equal(result.contaminated, problem.contaminated)
@@ -193,9 +197,13 @@ def test_large_coherent_group_when_benign_signal_is_below_noise():
 
 
 def test_clients_whose_own_update_has_rank_at_most_r():
-  """LoRA adapters of rank <= r have no spectral tail: the structure test abstains."""
+  """LoRA adapters of rank <= r have no spectral tail: the structure test abstains.
+
+  At the default 20 x 48 x 12, rank 3 of tests/problems.py (the program the tests above
+  compile; own rank 3 = r < n = 12).
+  """
   rng = np.random.default_rng(0)
-  num_clients, m, n, rank = 20, 48, 32, 2
+  num_clients, m, n, rank = 20, 48, 12, 3
   basis = np.linalg.qr(rng.normal(size=(m, rank)))[0]
   updates = np.stack([(basis + 0.05 * rng.normal(size=(m, rank))) @ rng.normal(size=(rank, n))
                       for _ in range(num_clients)])
@@ -207,6 +215,8 @@ def test_clients_whose_own_update_has_rank_at_most_r():
   np.testing.assert_array_equal(result.structure_scores, 0.0)
 
 
+@pytest.mark.slow   # two programs at m = 128; the default path keeps the iterative fit
+# (test_iterative_fit_matches_gram_and_svd) and test_solver's subspace SVT at m = 128
 def test_large_m_takes_the_iterative_paths_and_stays_exact():
   """m = 128: warm-started subspace SVT in the solver and iterative trimming fits."""
   from clair_jax._src import solver, subspace
@@ -251,6 +261,7 @@ def test_iterative_fit_matches_gram_and_svd():
     clair_jax.fit_subspace(x, mask, 3, "qr")
 
 
+@pytest.mark.slow   # two programs (default and given lam_low_rank) at 32 x 64 x 16, rank 4
 def test_nuclear_weight_keeps_noise_directions_out_of_the_low_rank_part():
   """The default lambda_L sits 10% above the noise edge sigma (sqrt(m) + sqrt(K n)).
 

@@ -239,14 +239,16 @@ def _raw_bytes_array(shape) -> Array:
 
 
 def test_bad_replies_are_dropped_logged_and_the_round_completes(caplog):
-  nodes = tuple(range(201, 213))   # 6 good, 6 bad, one duplicate, one stranger
+  # 8 good (as many replies as the other rounds here: the same CLAIR programs), 6 bad,
+  # one duplicate, one stranger
+  nodes = tuple(range(201, 215))
   strategy = flower.ClairStrategy(R)
   messages = {m.metadata.dst_node_id: m for m in strategy.configure_train(
       1, record(initial_adapter()), ConfigRecord(), FakeGrid(nodes))}
-  good = nodes[:6]
+  good = nodes[:8]
   replies = [reply(messages[n], trained(tensors_of(messages[n]), n, 1, byzantine=False))
              for n in good]
-  sent = tensors_of(messages[207])
+  sent = tensors_of(messages[209])
   a_key, b_key = key(MODULES[0], "A"), key(MODULES[0], "B")
   renamed = {k.replace("lora_A", "lora_a"): v for k, v in sent.items()}
   wrong_shape = dict(sent, **{a_key: np.zeros((R, IN + 1), np.float32)})
@@ -259,12 +261,12 @@ def test_bad_replies_are_dropped_logged_and_the_round_completes(caplog):
                         ttl=3600.0, message_type="train"))
   replies += [
       Message(Error(code=0, reason="ClientApp crashed: out of memory"),
-              reply_to=messages[207]),
-      reply(messages[208], renamed),
-      reply(messages[209], wrong_shape),
-      reply(messages[210], arrays=raw),
-      reply(messages[211], sent, metrics=False),
-      reply(messages[212], sent, metrics={"train-loss": 1.0}),
+              reply_to=messages[209]),
+      reply(messages[210], renamed),
+      reply(messages[211], wrong_shape),
+      reply(messages[212], arrays=raw),
+      reply(messages[213], sent, metrics=False),
+      reply(messages[214], sent, metrics={"train-loss": 1.0}),
       reply(messages[201], sent),   # a second reply from 201
       stranger,
   ]
@@ -275,10 +277,10 @@ def test_bad_replies_are_dropped_logged_and_the_round_completes(caplog):
   assert arrays is not None and metrics["clair-fallback"] == 0
   assert set(strategy.last_report) == set(good)
   reasons = strategy.last_dropped
-  assert set(reasons) == {201, 207, 208, 209, 210, 211, 212, 999}
-  expected = {201: "second reply", 207: "out of memory", 208: "inconsistent keys",
-              209: "has shape (2, 13)", 210: "raw bytes", 211: "expected one MetricRecord",
-              212: "num-examples", 999: "no arrays were sent"}
+  assert set(reasons) == {201, 209, 210, 211, 212, 213, 214, 999}
+  expected = {201: "second reply", 209: "out of memory", 210: "inconsistent keys",
+              211: "has shape (2, 13)", 212: "raw bytes", 213: "expected one MetricRecord",
+              214: "num-examples", 999: "no arrays were sent"}
   for node, text in expected.items():
     assert text in reasons[node], (node, reasons[node])
     assert any(f"node {node}: " in r.getMessage() and text in r.getMessage()

@@ -110,6 +110,8 @@ def test_bad_grid_option_is_rejected(tmp_path, capsys):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow   # a grid cell end to end (CLAIR compiled at the regression shape); the
+# regression problems themselves are tested fast in test_synthetic.py
 def test_regression_setting_runs_through_the_grid():
   config = synthetic_study.QUICK._replace(
       attacks=("coherent",), noises=(1.0,), setting="regression", num_samples=40

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import clair_jax
 from clair_jax._src import estimator
@@ -36,6 +37,7 @@ def test_jit_matches_eager_and_does_not_retrace():
   assert estimator._clair_compiled._cache_size() == size
 
 
+@pytest.mark.slow   # the batched program of the whole pipeline, compiled for this check alone
 def test_vmap_over_independent_problems():
   problems = [make_problem(fraction=f, attack=a, noise=0.02, rank=3, seed=s)
               for f, a, s in [(0.2, "random", 1), (0.3, "coherent", 2), (0.1, "random", 3)]]

@@ -70,6 +70,8 @@ def test_nonfinite_client_is_flagged_and_excluded(bad_value):
 SHAPES = [(4, 5, 1, 1), (21, 48, 12, 3), (6, 7, 2, 2)]
 
 
+@pytest.mark.slow   # two more programs (the small shapes); the nonfinite tests above and the
+# huge-client test below keep NaN/Inf handling in the default path
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shape=st.sampled_from(SHAPES),
