@@ -261,6 +261,34 @@ def test_iterative_fit_matches_gram_and_svd():
     clair_jax.fit_subspace(x, mask, 3, "qr")
 
 
+def test_iterative_fit_converges_only_the_leading_directions():
+  """``converge=r`` of a ``2 r``-wide fit: the top ``r`` directions are exact, a direction
+  standing out of the noise bulk is found too (it has a gap), and bulk directions are
+  returned as the iteration leaves them instead of forcing the exact ``m x m`` eigh."""
+  from clair_jax._src import subspace
+  rng = np.random.default_rng(3)
+  m, num_clients, n, rank = 256, 20, 8, 3
+  signal = np.linalg.qr(rng.standard_normal((m, rank + 1)))[0]
+  scales = np.array([40.0, 30.0, 20.0, 6.0])  # direction 4: out of the bulk, not in U
+  columns = (np.einsum("mr,r,rkn->mkn", signal, scales,
+                       rng.standard_normal((rank + 1, num_clients, n)))
+             + rng.standard_normal((m, num_clients, n))).astype(np.float32)
+  columns = jnp.asarray(columns)
+  exact = np.linalg.eigh(np.einsum("mkn,pkn->mp", np.asarray(columns, np.float64),
+                                   np.asarray(columns, np.float64)))[1][:, ::-1]
+  width = 2 * rank
+  fitted, _ = subspace.fit_columns(columns, None, width, "iterative", converge=rank)
+  fitted = np.asarray(fitted, np.float64)
+  gap = lambda u, v: np.linalg.norm(u @ u.T - v @ v.T, 2)
+  assert gap(fitted[:, :rank], exact[:, :rank]) < 1e-3
+  assert gap(fitted[:, :rank + 1], exact[:, :rank + 1]) < 1e-2
+  # The bulk directions were not pinned down by an exact eigen-decomposition ...
+  assert gap(fitted[:, rank + 1:], exact[:, rank + 1:width]) > 5e-3
+  # ... which converge=width (every direction) does, through its fallback.
+  full, _ = subspace.fit_columns(columns, None, width, "iterative")
+  assert gap(np.asarray(full, np.float64), exact[:, :width]) < 1e-3
+
+
 @pytest.mark.slow   # two programs (default and given lam_low_rank) at 32 x 64 x 16, rank 4
 def test_nuclear_weight_keeps_noise_directions_out_of_the_low_rank_part():
   """The default lambda_L sits 10% above the noise edge sigma (sqrt(m) + sqrt(K n)).

@@ -525,7 +525,10 @@ def score_split(
   weights = jnp.where(benign, clients.weights, 0.0)
   m, num_clients, n = columns.shape
   width = min(CANDIDATE_FACTOR * rank, m, num_clients * n)
-  candidates, next_basis = fit_columns(columns, weights, width, fit_method, basis)
+  # Only the top `rank` directions must converge; the candidates after them are kept as
+  # the iteration leaves them (see fit_columns's `converge`).
+  candidates, next_basis = fit_columns(columns, weights, width, fit_method, basis,
+                                       converge=rank)
   if next_basis is None:
     next_basis = jnp.zeros((m, 0), columns.dtype)
   # U^T D_k once: the residuals, the objective and the support count all need it.
