@@ -269,7 +269,7 @@ def test_iterative_fit_converges_only_the_leading_directions():
   rng = np.random.default_rng(3)
   m, num_clients, n, rank = 256, 20, 8, 3
   signal = np.linalg.qr(rng.standard_normal((m, rank + 1)))[0]
-  scales = np.array([40.0, 30.0, 20.0, 6.0])  # direction 4: out of the bulk, not in U
+  scales = np.array([5.0, 4.0, 3.0, 2.5])  # direction 4: out of the bulk, not in U
   columns = (np.einsum("mr,r,rkn->mkn", signal, scales,
                        rng.standard_normal((rank + 1, num_clients, n)))
              + rng.standard_normal((m, num_clients, n))).astype(np.float32)
@@ -280,13 +280,14 @@ def test_iterative_fit_converges_only_the_leading_directions():
   fitted, _ = subspace.fit_columns(columns, None, width, "iterative", converge=rank)
   fitted = np.asarray(fitted, np.float64)
   gap = lambda u, v: np.linalg.norm(u @ u.T - v @ v.T, 2)
-  assert gap(fitted[:, :rank], exact[:, :rank]) < 1e-3
-  assert gap(fitted[:, :rank + 1], exact[:, :rank + 1]) < 1e-2
-  # The bulk directions were not pinned down by an exact eigen-decomposition ...
-  assert gap(fitted[:, rank + 1:], exact[:, rank + 1:width]) > 5e-3
-  # ... which converge=width (every direction) does, through its fallback.
+  assert gap(fitted[:, :rank], exact[:, :rank]) < 1e-5
+  assert gap(fitted[:, :rank + 1], exact[:, :rank + 1]) < 1e-5
+  # The bulk directions were not pinned down by an exact eigen-decomposition (measured
+  # 2.6e-4 off) ...
+  assert gap(fitted[:, rank + 1:], exact[:, rank + 1:width]) > 1e-4
+  # ... which converge=width (every direction) does, through its fallback (4e-6).
   full, _ = subspace.fit_columns(columns, None, width, "iterative")
-  assert gap(np.asarray(full, np.float64), exact[:, :width]) < 1e-3
+  assert gap(np.asarray(full, np.float64), exact[:, :width]) < 2e-5
 
 
 @pytest.mark.slow   # two programs (default and given lam_low_rank) at 32 x 64 x 16, rank 4
