@@ -1,5 +1,6 @@
 """Factored (LoRA) input: the exact reduction agrees with the dense solve."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -153,3 +154,27 @@ def test_many_contaminated_lora_clients_with_full_column_space_converge():
                                               float(result.solver_residual))
   assert int(result.solver_steps) < 100
   np.testing.assert_array_equal(np.asarray(result.contaminated), bad)
+
+
+@pytest.mark.parametrize("case", ["generic", "zero_columns", "duplicates", "huge", "tiny"])
+def test_orthonormal_coordinates_from_the_gram(case):
+  """``Q = S_1 C`` is orthonormal on the span and ``Q F = S``: Cholesky for independent
+  columns, the Gram's eigen-decomposition for dependent ones, any finite scale."""
+  from clair_jax._src import factored as factored_lib
+  rng = np.random.default_rng(0)
+  stacked = rng.standard_normal((200, 48))
+  if case == "zero_columns":
+    stacked[:, 5:9] = 0.0                 # zero-padded clients of a lower rank
+  if case == "duplicates":
+    stacked[:, 24:] = stacked[:, :24]     # a second copy of every client: rank 24
+  scale = {"huge": 1e30, "tiny": 1e-30}.get(case, 1.0)
+  stacked = jnp.asarray(stacked * scale, jnp.float32)
+  basis, coordinates = jax.jit(factored_lib.orthonormal_coordinates)(stacked)
+  q = np.asarray(basis.dense(), np.float64)
+  used = np.linalg.norm(q, axis=0) > 0.5
+  rank = {"zero_columns": 44, "duplicates": 24}.get(case, 48)
+  assert used.sum() == rank
+  np.testing.assert_allclose(q[:, used].T @ q[:, used], np.eye(rank), atol=1e-3)
+  np.testing.assert_allclose(q @ np.asarray(coordinates, np.float64) / scale,
+                             np.asarray(stacked, np.float64) / scale, atol=1e-4)
+  assert np.all(np.isfinite(np.asarray(coordinates)))

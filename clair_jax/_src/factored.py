@@ -162,37 +162,123 @@ def check_factored(factored: FactoredUpdates,
   return FactoredUpdates(left, right)
 
 
+class ColumnBasis(NamedTuple):
+  r"""An orthonormal basis ``Q = stacked @ inverse`` (``m x p``) of ``span(stacked)``, kept
+  as its two factors: ``Q`` itself is never formed (:func:`reduce_columns`).
+
+  Attributes:
+    stacked: ``(m, N)`` the clients' factors side by side, each column scaled to unit norm.
+    inverse: ``(N, p)``.
+  """
+
+  stacked: jax.Array
+  inverse: jax.Array
+
+  def lift(self, x: jax.Array) -> jax.Array:
+    """``Q x`` for ``x`` of shape ``(p, ...)``: two thin products, no ``m x p`` matrix."""
+    return jnp.tensordot(self.stacked, jnp.tensordot(self.inverse, x, axes=(1, 0)),
+                         axes=(1, 0))
+
+  def dense(self) -> jax.Array:
+    """``Q`` (``m x p``), for tests."""
+    return self.stacked @ self.inverse
+
+
 class Reduction(NamedTuple):
   """The exact reduction ``D_k = Q Z_k P_k^T`` (see the module docstring)."""
 
   blocks: jax.Array       # (K, p, q') Z_k, NaN for clients with non-finite factors
-  basis: jax.Array | None  # (m, p) Q, orthonormal columns; None: the identity (p = m)
+  basis: ColumnBasis | None  # Q (m x p), orthonormal on the span; None: the identity (p = m)
   right_bases: jax.Array  # (K, n, q') P_k, orthonormal columns
   active: jax.Array       # (K,) bool, clients whose factors are finite
   left_coordinates: jax.Array  # (K, p, q) Q^T A_k (zero for inactive clients)
 
 
-def column_basis(left: jax.Array) -> jax.Array | None:
+def lift(basis: ColumnBasis | None, x: jax.Array) -> jax.Array:
+  """``Q x`` (``None`` is the identity)."""
+  return x if basis is None else basis.lift(x)
+
+
+def column_basis(left: jax.Array) -> ColumnBasis | None:
   """Orthonormal ``Q`` (``m x p``) with ``span(Q) = span(A_1, ..., A_K)`` (or containing it).
 
-  ``p = min(m, K q)``; when ``K q >= m``, ``None`` stands for the identity (no QR, and no
-  ``m x m`` products: at ``m = 4096, K q = 8192`` each would be a 275 GFLOP GEMM).
+  ``p = min(m, K q)``; when ``K q >= m``, ``None`` stands for the identity (no
+  factorisation, and no ``m x m`` products: at ``m = 4096, K q = 8192`` each would be a
+  275 GFLOP GEMM).
   """
   return reduce_columns(left)[0]
 
 
-def reduce_columns(left: jax.Array) -> tuple[jax.Array | None, jax.Array]:
+def orthonormal_coordinates(stacked: jax.Array) -> tuple[ColumnBasis, jax.Array]:
+  r"""Coordinates ``F`` (``N x N``) of the columns of ``S`` (``m x N``) in an orthonormal
+  basis ``Q = S_1 C`` of their span, from the ``N x N`` Gram (one GEMM) instead of a QR.
+
+  With ``S = S_1 D`` (``D`` the column norms, found without overflow, so that any finite
+  scale works and the Gram has a unit diagonal):
+
+  .. math::
+    S_1^	op S_1 = L L^	op\ (	ext{Cholesky}),\qquad F = L^	op D,\qquad C = L^{-	op},
+    \qquad Q = S_1 L^{-	op},\quad Q^	op Q = I,\quad Q F = S.
+
+  Cholesky QR loses orthogonality like ``eps kappa^2``: it is used while every pivot
+  ``L_ii`` (the sine of column ``i``'s angle to the columns before it) is at least
+  ``eps^{1/4}``, i.e. ``eps kappa^2 <~ sqrt(eps)``. Otherwise (nearly dependent columns:
+  duplicated clients, zero padding) the Gram's eigen-decomposition
+  ``S_1^T S_1 = V Lambda V^T`` gives ``F = Lambda^{1/2} V^T D`` and
+  ``C = V Lambda^{-1/2}`` (directions below ``N eps lambda_max``, round-off, dropped): the
+  accuracy of a Gram, ``sqrt(eps)`` of the largest singular value, as the Gram paths
+  elsewhere. Zero columns get zero coordinates on both paths.
+
+  Returns:
+    ``(ColumnBasis(S_1, C), F)``.
+  """
+  dtype = stacked.dtype
+  largest = jnp.max(jnp.abs(stacked), axis=0)
+  zero = ~(largest > 0)
+  unit = stacked / jnp.where(zero, 1.0, largest)[None, :]
+  norms = jnp.sqrt(jnp.sum(unit * unit, axis=0))
+  unit = unit / jnp.where(zero, 1.0, norms)[None, :]
+  scale = jnp.where(zero, 0.0, largest * norms)                        # D
+  gram = unit.T @ unit
+  # A zero column gets a unit pivot (its row and column of L are e_i), zeroed in F below.
+  gram = jnp.where(jnp.diag(zero), 1.0, gram)
+  eps = jnp.finfo(dtype).eps
+
+  def by_cholesky(gram):
+    factor = jnp.linalg.cholesky(gram)                                   # L
+    inverse = jax.scipy.linalg.solve_triangular(
+        factor, jnp.eye(gram.shape[0], dtype=dtype), lower=True).T     # L^{-T}
+    return factor.T, inverse
+
+  def by_eigh(gram):
+    values, vectors = jnp.linalg.eigh(gram)
+    keep = values > gram.shape[0] * eps * jnp.max(values)
+    root = jnp.sqrt(jnp.where(keep, values, 0.0))
+    inverse_root = jnp.where(keep, 1.0 / jnp.where(keep, root, 1.0), 0.0)
+    return root[:, None] * vectors.T, vectors * inverse_root[None, :]
+
+  triangle, inverse = by_cholesky(gram)
+  pivots = jnp.diagonal(triangle)
+  accurate = jnp.all(jnp.isfinite(triangle)) & jnp.all(jnp.isfinite(inverse)) & (
+      jnp.min(pivots) >= eps**0.25)
+  triangle, inverse = jax.lax.cond(accurate, lambda g: (triangle, inverse), by_eigh, gram)
+  coordinates = triangle * scale[None, :]                              # F = L^T D
+  return ColumnBasis(unit, inverse), coordinates
+
+
+def reduce_columns(left: jax.Array) -> tuple[ColumnBasis | None, jax.Array]:
   """``Q`` of :func:`column_basis` and the clients' coordinates ``Q^T A_k`` ``(K, p, q)``.
 
-  The coordinates are the blocks of the QR's triangular factor (``[A_1, ..., A_K] = Q R``,
-  so ``Q^T A_k = R[:, k q:(k + 1) q]``): no second ``m``-long product.
+  The coordinates are the blocks of ``F`` (:func:`orthonormal_coordinates`,
+  ``[A_1, ..., A_K] = Q F``, so ``Q^T A_k = F[:, k q:(k + 1) q]``): one Gram GEMM and an
+  ``N x N`` Cholesky, no QR and no ``m``-long product beyond the Gram.
   """
   num_clients, m, q = left.shape
   if num_clients * q >= m:
     return None, left
   stacked = jnp.transpose(left, (1, 0, 2)).reshape(m, num_clients * q)
-  basis, triangle = jnp.linalg.qr(stacked)
-  return basis, jnp.transpose(triangle.reshape(-1, num_clients, q), (1, 0, 2))
+  basis, coordinates = orthonormal_coordinates(stacked)
+  return basis, jnp.transpose(coordinates.reshape(-1, num_clients, q), (1, 0, 2))
 
 
 def reduce_factored(factored: FactoredUpdates) -> Reduction:
@@ -223,8 +309,7 @@ def reduce_factored(factored: FactoredUpdates) -> Reduction:
 
 def _embed(reduction: Reduction, blocks: jax.Array, data_dtype) -> FactoredUpdates:
   """Reduced ``(K, p, q')`` blocks ``X_k`` -> factored ``(Q X_k) P_k^T``."""
-  left = (blocks if reduction.basis is None
-          else jnp.einsum("mp,kpq->kmq", reduction.basis, blocks))
+  left = jnp.moveaxis(lift(reduction.basis, jnp.moveaxis(blocks, 1, 0)), 0, 1)
   return FactoredUpdates(left.astype(data_dtype),
                          jnp.swapaxes(reduction.right_bases, 1, 2).astype(data_dtype))
 
@@ -362,15 +447,14 @@ def clair_factored_core(factored: FactoredUpdates, client_weights, rank: int,
   # never forms the W_k (client_stack.FactoredClients).
   compute = reduction.blocks.dtype
   right = jnp.where(reduction.active[:, None, None], factored.right.astype(compute), 0.0)
-  row_basis, right_coordinates = reduce_columns(jnp.swapaxes(right, 1, 2))  # (n, n'), P^T B_k^T
+  row_basis, right_coordinates = reduce_columns(jnp.swapaxes(right, 1, 2))  # P, P^T B_k^T
   left_reduced = reduction.left_coordinates
   right_reduced = jnp.swapaxes(right_coordinates, 1, 2)            # (K, q, n') B_k P
   core = estimator.clair_core(reduction.blocks, client_weights, rank, opts,
                               weight_shape=(m, n) if dense_weights else None,
                               refine_clients=client_stack.FactoredClients(left_reduced,
                                                                           right_reduced))
-  subspace = (core.subspace if reduction.basis is None
-              else reduction.basis @ core.subspace)                 # (m, r)
+  subspace = lift(reduction.basis, core.subspace)                   # (m, r)
   if opts.contaminated_output == "project":
     keep_as_sent = ~reduction.active
   else:
@@ -378,35 +462,32 @@ def clair_factored_core(factored: FactoredUpdates, client_weights, rank: int,
   return core._replace(
       subspace=subspace,
       refined=refine_pooled_factored(factored, core, reduction.basis, row_basis, left_reduced,
-                                     right_reduced, core.contaminated, keep_as_sent, subspace),
+                                     right, core.contaminated, keep_as_sent, subspace),
       consensus=_consensus_factored(core, reduction.basis, row_basis, data_dtype),
-      refine_subspace=_lift(reduction.basis, core.refine_subspace),
+      refine_subspace=lift(reduction.basis, core.refine_subspace),
       low_rank=_embed(reduction, core.low_rank, data_dtype),
       sparse=_embed(reduction, core.sparse, data_dtype),
   )
 
 
-def _lift(basis, reduced):
-  """``Q X`` (``Q`` the column basis; ``None`` is the identity)."""
-  return reduced if basis is None else basis @ reduced
-
-
 def _consensus_factored(core, column_basis_, row_basis, data_dtype) -> FactoredUpdates:
   """The consensus ``U_R C_bar`` as one factored update (``K = 1``), lifted from the
   shared coordinates: ``left = Q U_R``, ``right = C_bar P^T``."""
-  left = _lift(column_basis_, core.refine_subspace)                           # (m, w)
+  left = lift(column_basis_, core.refine_subspace)                            # (m, w)
   centre = core.refine_subspace.T @ core.consensus                            # (w, n')
-  right = centre if row_basis is None else centre @ row_basis.T               # (w, n)
+  right = lift(row_basis, centre.T).T                                         # (w, n)
   return FactoredUpdates(left[None].astype(data_dtype), right[None].astype(data_dtype))
 
 
 def refine_pooled_factored(factored, core, column_basis_, row_basis, left_reduced,
-                           right_reduced, contaminated, keep_as_sent,
+                           finite_right, contaminated, keep_as_sent,
                            detection_subspace) -> FactoredUpdates:
   """Refined updates, still factored, from the pooled refine of :func:`clair_core`.
 
   A benign client is ``left = Q U_R`` (``m x w``, shared) and ``right = (C_bar + S (C_k -
-  C_bar)) P^T`` (``w x n``, its own), with ``C_k = U_R^T Q^T D_k P``; width
+  C_bar)) P^T`` (``w x n``, its own), with ``C_k = U_R^T Q^T D_k P`` (so ``C_k P^T =
+  (U_R^T Q^T A_k) B_k``: ``P`` spans every ``B_k``'s rows, and no ``n``-long lift per
+  client is needed); width
   ``max(w, q)``; a client kept as sent is ``[A_k, 0]``, ``[B_k; 0]``; a contaminated
   client not kept (``contaminated_output="project"``) is projected on the detection
   subspace (:func:`refine_factored`). With ``refine="projection"`` the refine subspace is
@@ -417,12 +498,12 @@ def refine_pooled_factored(factored, core, column_basis_, row_basis, left_reduce
   width = subspace.shape[1]
   out_width = max(width, q)
   dtype = factored.left.dtype
-  coefficients = jnp.einsum("pw,kpq,kqs->kws", subspace, left_reduced, right_reduced)
-  centre = subspace.T @ core.consensus                                # (w, n')
+  coefficients = jnp.einsum("pw,kpq,kqn->kwn", subspace, left_reduced,
+                            finite_right)                            # C_k P^T
+  centre = lift(row_basis, (subspace.T @ core.consensus).T).T         # C_bar P^T (w, n)
   strength = core.refine_strength
   own = centre[None] + strength[None, :, None] * (coefficients - centre[None])
-  own = own if row_basis is None else jnp.einsum("kws,ns->kwn", own, row_basis)
-  shared = jnp.broadcast_to(_lift(column_basis_, subspace), (num_clients, m, width))
+  shared = jnp.broadcast_to(lift(column_basis_, subspace), (num_clients, m, width))
   pad = lambda x, axis: jnp.pad(x, [(0, out_width - x.shape[axis]) if a == axis else (0, 0)
                                     for a in range(3)])
   projected = refine_factored(factored, detection_subspace, keep_as_sent)

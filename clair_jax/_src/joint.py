@@ -325,7 +325,7 @@ def refine_module(left, right, benign, rank: int,
   dtype = validate.compute_dtype(jnp.result_type(left.dtype, right.dtype))
   left, right = left.astype(dtype), right.astype(dtype)
   num_clients = left.shape[0]
-  column, left_reduced = factored.reduce_columns(left)                 # (m, p), Q^T left_k
+  column, left_reduced = factored.reduce_columns(left)                 # Q, Q^T left_k
   row, right_coordinates = factored.reduce_columns(jnp.swapaxes(right, 1, 2))
   right_reduced = jnp.swapaxes(right_coordinates, 1, 2)                # (K, q, n') right_k P
   # (K, p, n') clients as factors, each factor first divided by its largest entry so that
@@ -345,9 +345,8 @@ def refine_module(left, right, benign, rank: int,
   else:  # the pooled refine fits its own subspace; this one is not read
     subspace = jnp.zeros((x_n.shape[1], projection_rank), dtype)
   refinement = estimator.refine_stage(x_n, benign, everyone, subspace, opts, scale)
-  shared = refinement.subspace if column is None else column @ refinement.subspace  # (m, w)
-  centre = refinement.centre * scale                                    # (w, n')
-  centre = centre if row is None else centre @ row.T                    # (w, n)
+  shared = factored.lift(column, refinement.subspace)                  # (m, w)
+  centre = factored.lift(row, (refinement.centre * scale).T).T          # (w, n)
   return ModuleRefinement(
       shared=shared,
       centre=centre,
