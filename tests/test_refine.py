@@ -225,3 +225,36 @@ def test_random_matrix_helpers():
   assert float(shrink(1.0 + np.sqrt(0.25), 0.25)) == 0.0
   big = float(shrink(10.0, 1e-6))
   assert big == pytest.approx(1 - 1 / 100, abs=1e-4)  # James-Stein as beta -> 0
+
+
+def test_top_singular_triplets_match_the_svd_above_the_level():
+  """The Gram path (large matrices) gives the SVD's triplets above the level; below
+  ``sqrt(eps) s_1`` it hands over to the SVD itself."""
+  from clair_jax._src import subspace
+  rng = np.random.default_rng(0)
+  m, n, count = 384, 320, 16
+  signal = np.linalg.qr(rng.standard_normal((m, 3)))[0] @ np.diag([400.0, 200.0, 90.0]) @ (
+      np.linalg.qr(rng.standard_normal((n, 3)))[0].T)
+  x = jnp.asarray(signal + rng.standard_normal((m, n)), jnp.float32)
+  exact_u, exact_s, exact_vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
+  for level in (40.0, 1e-3):   # Gram accurate / not (1e-3 < sqrt(eps) * 400)
+    u, s, vt = jax.jit(subspace.top_singular_triplets, static_argnums=1)(x, count, level)
+    assert u.shape == (m, count) and s.shape == (count,) and vt.shape == (count, n)
+    np.testing.assert_allclose(np.asarray(s)[:3], exact_s[:3], rtol=1e-5)
+    for i in range(3):   # (signs are free)
+      assert abs(abs(float(np.asarray(u)[:, i] @ exact_u[:, i])) - 1) < 1e-5
+      assert abs(abs(float(np.asarray(vt)[i] @ exact_vt[i])) - 1) < 1e-5
+    if level < 1:        # the SVD's answer, bulk values included
+      np.testing.assert_allclose(np.asarray(s), exact_s[:count], rtol=1e-4)
+
+
+def test_huber_centre_by_kernel_equals_the_direct_steps():
+  from clair_jax._src import refine as refine_lib
+  rng = np.random.default_rng(1)
+  points = jnp.asarray(rng.standard_normal((30, 8, 50)) + 3.0, jnp.float32)
+  points = points.at[:4].add(20.0)              # a minority far away
+  weights = jnp.ones((30,), jnp.float32).at[7].set(0.0)
+  direct = refine_lib.huber_centre(points, weights)
+  by_kernel = refine_lib.huber_centre(points, weights, by_kernel=True)
+  np.testing.assert_allclose(np.asarray(by_kernel), np.asarray(direct), rtol=1e-4, atol=1e-4)
+  assert float(jnp.abs(direct - 3.0).mean()) < 0.5   # the minority did not move it
