@@ -357,6 +357,7 @@ def dense_float64(clients, module) -> np.ndarray:
   return np.stack(out)
 
 
+@pytest.mark.slow   # float64 programs: one compile per case
 @pytest.mark.parametrize("case", ROUND_TRIP_CASES)
 def test_round_trip_matches_dense_clair(tmp_path, case):
   """Files in, files out: every refined adapter's ``scaling B A`` equals the dense core's

@@ -34,7 +34,7 @@ def lora_problem(num_clients=12, m=40, n=30, q=5, bad=(1, 5, 7), noise=0.01, see
   return factored, basis, contaminated
 
 
-@pytest.mark.parametrize("dense_weights", [False, True])
+@pytest.mark.parametrize("dense_weights", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_factored_equals_dense(dense_weights):
   factored, basis, contaminated = lora_problem()
   dense = factored.dense()
@@ -138,6 +138,7 @@ def test_bad_factor_shapes_raise():
     clair_jax.clair(clair_jax.FactoredUpdates(jnp.ones((3, 8, 1)), jnp.ones((3, 1, 6))), 4)
 
 
+@pytest.mark.slow   # K = 128 LoRA clients at 768: one large compile
 def test_many_contaminated_lora_clients_with_full_column_space_converge():
   # K q >= m: the reduced problem is m x K q and L keeps ~9% of m directions (residuals
   # of the 19 contaminated clients). With Ritz values from the eigh of the squared

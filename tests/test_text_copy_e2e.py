@@ -61,6 +61,7 @@ def _check_methods(report):
   assert set(refine["rank"]) == set(report["runs"][0]["module_scores"]["modules"])
 
 
+@pytest.mark.slow   # a whole text-copy study run (module fixture)
 def test_skills_report_contents(tiny_skills_run):
   report = json.loads((tiny_skills_run / "report.json").read_text())
   assert report["task"] == "skills" and report["config"]["task"]["name"] == "skills"
@@ -72,6 +73,7 @@ def test_skills_report_contents(tiny_skills_run):
   assert run["per_client"]["token_acc"]["local_large_data"][-1] is None  # attackers: none
 
 
+@pytest.mark.slow   # a whole text-copy study run (module fixture)
 def test_report_contents(tiny_run):
   out, _ = tiny_run
   report = json.loads((out / "report.json").read_text())
@@ -99,6 +101,7 @@ def test_report_contents(tiny_run):
     assert (out / png).stat().st_size > 1000
 
 
+@pytest.mark.slow   # a whole text-copy study run (module fixture)
 def test_readme_table_regenerated(tiny_run):
   out, readme = tiny_run
   text = readme.read_text()
@@ -112,6 +115,7 @@ def test_readme_table_regenerated(tiny_run):
   assert "| **clair** |" in block and "wins" in block
 
 
+@pytest.mark.slow   # a whole text-copy study run (module fixture)
 def test_checkpoints_reproduce_report(tiny_run):
   """Reloaded base model + adapters give the report's base and local accuracies."""
   out, _ = tiny_run
