@@ -19,7 +19,9 @@ random; ``A_k`` random), then one worker process measures, from the files:
   (quiet and busy runs interleaved);
 * peak RSS of the worker (``resource.getrusage``).
 
-Prints a markdown table (and ``--json PATH`` writes the numbers). Options: ``--clients``,
+Prints a markdown table and writes it into ``benchmarks/RESULTS.md`` between the
+``adapters`` markers (``--results``; ``--results ''`` to skip; ``--quick`` never writes
+there), with the numbers in ``benchmarks/adapters.json`` (``--json``). Options: ``--clients``,
 ``--layers``, ``--dim``, ``--lora-rank``, ``--runs``, ``--module-batch``, ``--xla-threads``
 (sets ``XLA_FLAGS`` intra-op parallelism in the worker, to compare thread settings).
 """
@@ -192,6 +194,42 @@ def markdown(rows: list[dict], machine: str) -> str:
   return "\n".join(lines)
 
 
+BEGIN, END = "<!-- adapters:begin -->", "<!-- adapters:end -->"
+
+
+def write_results(path: str, table: str, rows: list[dict], args) -> None:
+  """Replaces the adapters block of RESULTS.md (appending it when missing)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from clair_jax._src import reporting  # pylint: disable=g-import-not-at-top
+
+  command = "python benchmarks/bench_adapters.py " + " ".join(
+      a for a in sys.argv[1:] if not a.startswith("--results"))
+  per_module = [(r["steady_s"]["detect"] + r["steady_s"]["refine"]) / r["modules"]
+                for r in rows]
+  text = "\n".join([
+      "## Whole-model LoRA aggregation from PEFT files (Llama-7B shape)",
+      "",
+      f"Regenerate: `{command.strip()}` (this block only). "
+      f"{len(rows[0:1]) and rows[0]['modules']} modules of {args.dim} x {args.dim}, LoRA "
+      f"rank {args.lora_rank}, bf16 files, 20% contaminated; steady = median of "
+      f"{args.runs} run(s) after a first (compiling) one; busy = with one spinning "
+      f"process beside it; jax {jax.__version__}. Per module (detect + refine): "
+      + ", ".join(f"K={r['clients']}: {t:.3f} s" for r, t in zip(rows, per_module)) + ".",
+      "",
+      table,
+  ])
+  if not os.path.exists(path):
+    with open(path, "w", encoding="utf-8") as f:
+      f.write("")
+  with open(path, encoding="utf-8") as f:
+    content = f.read()
+  if BEGIN not in content or END not in content:
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(f"\n{BEGIN}\n{END}\n")
+  reporting.replace_between_markers(path, text, BEGIN, END)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,7 +246,12 @@ def main(argv=None) -> int:
                       "map on the CPU, vmap elsewhere)")
   parser.add_argument("--xla-threads", type=int, default=None,
                       help="XLA CPU intra-op threads in the worker (default: XLA's own)")
-  parser.add_argument("--json", default=None, help="also write the numbers here")
+  parser.add_argument("--json", default=None,
+                      help="also write the numbers here (default benchmarks/adapters.json "
+                      "when --results is written)")
+  parser.add_argument("--results", default=os.path.join(os.path.dirname(
+      os.path.abspath(__file__)), "RESULTS.md"),
+                      help="RESULTS.md whose adapters block this run rewrites ('' to skip)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -252,6 +295,9 @@ def main(argv=None) -> int:
              f"{rows[0]['device']}, XLA_FLAGS={env.get('XLA_FLAGS', '') or 'default'}")
   table = markdown(rows, machine)
   print(table)
+  if args.results and not args.quick:
+    args.json = args.json or os.path.join(os.path.dirname(args.results), "adapters.json")
+    write_results(args.results, table, rows, args)
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump({"machine": machine, "rows": rows, "quick": args.quick}, f, indent=1)

@@ -30,6 +30,18 @@ from clair_jax._src import threads
 from clair_jax._src import subspace
 
 HERE = pathlib.Path(__file__).resolve().parent
+# benchmarks/bench_adapters.py owns this block of RESULTS.md; a rewrite here carries it over.
+ADAPTERS_BEGIN, ADAPTERS_END = "<!-- adapters:begin -->", "<!-- adapters:end -->"
+
+
+def adapters_block(path: pathlib.Path) -> str:
+  """The whole-model adapters section of the current RESULTS.md, markers included."""
+  text = path.read_text() if path.exists() else ""
+  start, end = text.find(ADAPTERS_BEGIN), text.find(ADAPTERS_END)
+  if start < 0 or end < start:
+    return (f"{ADAPTERS_BEGIN}\n(not measured yet: `python benchmarks/bench_adapters.py`)\n"
+            f"{ADAPTERS_END}")
+  return text[start:end + len(ADAPTERS_END)]
 sys.path.insert(0, str(HERE))
 import numpy_reference  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -325,7 +337,7 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     report = json.loads(out.with_suffix(".json").read_text())
     plot(report["scaling_K"], report["scaling_m"], out.with_name("scaling.png"))
-    out.write_text(render(report, "scaling.png", quick=False))
+    out.write_text(render(report, "scaling.png", quick=False) + "\n" + adapters_block(out) + "\n")
     print(out.read_text())
     return
   quick = args.quick
@@ -360,7 +372,7 @@ def main(argv=None):
   png = out.with_name("scaling_quick.png" if quick else "scaling.png")
   plot(report["scaling_K"], report["scaling_m"], png)
   out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-  out.write_text(render(report, png.name, quick))
+  out.write_text(render(report, png.name, quick) + "\n" + adapters_block(out) + "\n")
   print(out.read_text())
 
 

@@ -106,6 +106,7 @@ def test_refined_outputs_and_in_subspace_boosts():
   assert np.mean(error(pooled.refined)) <= 1.1 * np.mean(error(pooled_clean.refined))
 
 
+@pytest.mark.slow   # one-off compile variant: projection refine, given weights and noise
 def test_options_are_honoured():
   problem = make_problem(fraction=0.2, noise=0.02, rank=RANK, seed=61)
   result = clair_jax.clair(problem.updates, RANK, lam_low_rank=0.7, lam_sparse=0.9,

@@ -61,6 +61,7 @@ def test_factored_equals_dense(dense_weights):
   assert float(jnp.linalg.norm(fit - dense)) < 0.5 * float(jnp.linalg.norm(dense))
 
 
+@pytest.mark.slow   # one-off compile variants (keep / project outputs, right side)
 def test_refined_shapes_and_kept_clients():
   factored, _, contaminated = lora_problem()
   result = clair_jax.clair(factored, RANK)   # dispatch from clair()

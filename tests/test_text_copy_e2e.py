@@ -185,6 +185,7 @@ PATH = ("layers", 0, "attn", "q")
 STRENGTHS = ("auto", 0.0, 0.5, 1.0)
 
 
+@pytest.mark.slow   # the dense core refine compiled beside the factored one
 def test_refined_adapters_match_the_core_dense_refine():
   """The factored refine (core ``joint.refine_modules``) as LoRA adapters equals the core's
   dense ``refine_updates`` on ``left_k right_k`` for every finite client, flagged or not; a

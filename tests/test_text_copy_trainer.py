@@ -27,6 +27,7 @@ def _setup(num_clients=3):
   return graphdef, params, lora, jnp.asarray(fed.train)
 
 
+@pytest.mark.slow   # per-client loop compiled beside the vmapped step
 def test_vmapped_step_equals_per_client_loop():
   graphdef, params, lora, seqs = _setup()
   tx = optax.adam(1e-2)
